@@ -1,0 +1,209 @@
+"""Recipes: one typed config model per algorithm, validated on load.
+
+A recipe is YAML that maps 1:1 onto these models (``extra="forbid"``: an unknown field is an
+error that names it). Defaults are the papers' settings; the tiny recipes override them to fit
+a laptop CPU. ``load_recipe`` turns every problem into a ``RecipeError`` whose one-line message
+names the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alignment.models import DEFAULT_MODEL
+
+
+class RecipeError(ValueError):
+    """A user mistake in a recipe or an override; the message is shown as-is (exit code 2)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SelfInstructConfig(_Model):
+    """Self-instruction creation: the model writes new prompts from few-shot seed examples."""
+
+    enabled: bool = False
+    n_new: int = Field(8, ge=1, description="new prompts to keep (after dedupe and filtering)")
+    few_shot: int = Field(3, ge=1, description="seed prompts shown per request")
+    max_attempts: int = Field(4, ge=1, description="requests per kept prompt before giving up")
+    min_chars: int = Field(10, ge=1)
+    max_chars: int = Field(400, ge=1)
+    temperature: float = Field(0.9, ge=0)
+    max_tokens: int = Field(64, ge=1)
+
+
+class PromptsConfig(_Model):
+    source: str = Field(..., description="JSONL/CSV/parquet file (relative to the recipe) or an HF dataset id")
+    field: str = Field("prompt", description="column holding the prompt text")
+    split: str = Field("train", description="split, for HF dataset ids")
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
+
+
+class SamplingConfig(_Model):
+    n: int = Field(4, ge=1, description="samples per prompt")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+
+
+class JudgeConfig(_Model):
+    """LLM-as-a-Judge with the additive 5-point prompt (prompts/judge.jinja).
+
+    mode: ``free`` parses the judge's own last ``Score:`` line (the paper; small models
+    often fail it); ``constrained`` forces the text to end with ``Score: <0-5>`` by structured
+    decoding (vLLM only); ``logprob`` generates the justification up to ``Score:`` and reads
+    the next token's distribution over 0–5, so every judgment gets a score.
+    score: ``int`` uses the integer score (the paper); ``expected`` uses the expected value
+    over the score token where one was read (``logprob`` mode), which ties far less often.
+    """
+
+    n: int = Field(3, ge=1, description="judgments per response (paper: 3)")
+    mode: Literal["free", "constrained", "logprob"] = "free"
+    score: Literal["int", "expected"] = "int"
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+
+
+class PairsConfig(_Model):
+    rho: float = Field(0.0, ge=0, lt=1, description="length-control strength; 0 = plain max/min")
+
+
+class LoraConfig(_Model):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainConfig(_Model):
+    beta: float = Field(0.1, gt=0, description="DPO beta (paper: 0.1)")
+    learning_rate: float = Field(5e-5, gt=0, description="LoRA learning rate (the paper's 1e-6 is for full fine-tuning)")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16)
+    save_steps: int = Field(10, ge=1, description="TRL checkpoint every N steps (for resume)")
+    launcher: Literal["subprocess", "inprocess"] = Field(
+        "subprocess", description="subprocess: `python -m alignment.training` (replaceable by accelerate launch)"
+    )
+    release_engine: bool = Field(
+        False, description="close the generation engine before training (GPU: frees its memory for the trainer)"
+    )
+    lora: LoraConfig = LoraConfig()
+
+
+class EngineConfig(_Model):
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="auto = vLLM wherever it imports, else transformers"
+    )
+    dtype: str = "auto"
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    enforce_eager: bool | None = Field(None, description="None = True on CPU, False on GPU")
+    shard_size: int = Field(8, ge=1, description="prompts per shard for generation/judging (resume unit)")
+    batch_size: int = Field(16, ge=1, description="transformers backend: sequences per generate call")
+
+
+class SelfRewardingRecipe(_Model):
+    """Self-Rewarding Language Models (Yuan et al., 2024)."""
+
+    algorithm: Literal["self-rewarding"]
+    name: str = Field("self-rewarding", pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = DEFAULT_MODEL
+    seed: int = 0
+    iterations: int = Field(3, ge=1, description="paper: M1 -> M2 -> M3")
+    prompts: PromptsConfig
+    generation: SamplingConfig = SamplingConfig()
+    judge: JudgeConfig = JudgeConfig()
+    pairs: PairsConfig = PairsConfig()
+    train: TrainConfig = TrainConfig()
+    engine: EngineConfig = EngineConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "SelfRewardingRecipe":
+        if self.judge.mode == "constrained" and self.engine.backend == "transformers":
+            raise ValueError("judge.mode 'constrained' needs engine.backend vllm (or auto with vLLM installed)")
+        if self.judge.score == "expected" and self.judge.mode != "logprob":
+            raise ValueError("judge.score 'expected' needs judge.mode 'logprob'")
+        return self
+
+
+Recipe = Annotated[SelfRewardingRecipe, Field(discriminator="algorithm")]
+RECIPES: dict[str, type[_Model]] = {"self-rewarding": SelfRewardingRecipe}
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: field {loc or '<root>'}: {msg}{more}"
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as YAML) to a recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> SelfRewardingRecipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping")
+    algorithm = data.get("algorithm")
+    if algorithm not in RECIPES:
+        raise RecipeError(f"{source}: field algorithm: must be one of {sorted(RECIPES)}, got {algorithm!r}")
+    try:
+        return RECIPES[algorithm].model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_error(source, err)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[SelfRewardingRecipe, dict[str, Any]]:
+    """Read, override and validate a recipe; return the model and the resolved dict.
+
+    Relative prompt sources are resolved against the recipe's directory, so a recipe works
+    from any working directory and the stored copy in a run directory stays valid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    data = apply_overrides(data, list(overrides))
+    src = (data.get("prompts") or {}).get("source") if isinstance(data.get("prompts"), dict) else None
+    if isinstance(src, str) and not Path(src).is_absolute() and (path.parent / src).exists():
+        data["prompts"]["source"] = str((path.parent / src).resolve())
+    recipe = parse_recipe(data, str(path))
+    return recipe, recipe.model_dump(mode="json")

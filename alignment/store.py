@@ -1,0 +1,974 @@
+"""The run directory: atomic writes, manifests, shards, locking, events.
+
+This is the only module that does file I/O for runs and the only one that decides paths
+(see ``docs/data-contracts.md`` for the layout). Flows, the CLI and the review app call it.
+
+Guarantees
+----------
+* **Visible only when complete.** Every file is written to a temp file in the same
+  directory, fsynced, renamed over the target with ``os.replace`` and the directory is
+  fsynced. A reader sees the old file or the new one, never half of one.
+* **The manifest is the commit point.** A stage's outputs are written first, its
+  ``manifest.json`` last. The manifest records what produced the outputs (recipe hash,
+  input hashes, code version) and the sha256 of every output file, so on resume
+  :meth:`RunStore.check_stage` can tell "done", "inputs changed", "recipe changed" and
+  "output corrupted/missing" apart.
+* **Code version is recorded, not compared.** A patch release of selfalign must not make a
+  resume redo a week of generation; stages are keyed on what they consume (inputs + recipe),
+  and ``code_version`` is in the manifest for forensics only.
+* **Redoing a stage never destroys the previous result early.** The new data is written to a
+  temp file first; only once it is on disk is the old manifest removed and the temp renamed.
+  A failure while writing (disk full, permission denied) raises :class:`StoreError` naming
+  the path and the OS reason, removes the temp file and leaves the old outputs untouched.
+* **Shards.** Generation and judging write ``shards/<key[:16]>/shard_<i>.parquet`` one at a
+  time, so a kill loses at most the shard in progress. ``key`` hashes everything that
+  determines shard content, so shards from another recipe/inputs are never mixed in.
+* **One process per run.** :class:`RunLock` (see its docstring for the approach).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+try:  # fcntl is POSIX-only; without it RunLock falls back to pid checks
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None  # type: ignore[assignment]
+
+try:
+    from importlib.metadata import version as _pkg_version
+
+    CODE_VERSION: str = _pkg_version("selfalign")
+except Exception:  # PackageNotFoundError, or metadata broken
+    CODE_VERSION = "dev"
+
+RUN_FILE = "run.json"
+RECIPE_FILE = "recipe.yaml"
+LOCK_FILE = "lock"
+EVENTS_FILE = "events.jsonl"
+MANIFEST = "manifest.json"
+DATA_FILE = "data.parquet"
+SHARDS_DIR = "shards"
+SCRATCH_MARKER = ".selfalign-scratch"
+
+_TMP_INFIX = ".tmp-"
+_SHARD_RE = re.compile(r"^shard_(\d+)\.parquet$")
+_ITER_RE = re.compile(r"^iter_(\d+)$")
+_STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StoreError(Exception):
+    """A user-facing error about the run directory; the message names the path."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+class RunLocked(StoreError):
+    """Another live process owns the run directory."""
+
+    def __init__(self, message: str, *, path=None, holder: dict | None = None):
+        super().__init__(message, path=path)
+        self.holder = holder or {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
+
+
+def hash_obj(obj: Any) -> str:
+    """sha256 hex of the canonical JSON of ``obj`` (sorted keys, ``default=str``)."""
+    return hashlib.sha256(_canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _os_reason(e: OSError) -> str:
+    reason = e.strerror or str(e)
+    if e.errno is not None:
+        reason += f" (errno {e.errno})"
+    if e.errno == errno.ENOSPC:
+        reason += "; free some disk space and resume the run"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason += "; check the permissions of the run directory"
+    return reason
+
+
+def _store_error(action: str, path: Path, e: OSError) -> StoreError:
+    err = StoreError(f"cannot {action} {path}: {_os_reason(e)}", path=path)
+    err.__cause__ = e
+    return err
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _store_error("create directory", path, e) from e
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _unlink_quiet(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _atomic_write(path: Path, fill: Callable[[Any], None], *,
+                  before_replace: Callable[[], Callable[[], None] | None] | None = None) -> None:
+    """Write ``path`` via temp file + fsync + rename + fsync(dir).
+
+    ``fill(f)`` writes into a binary file object. ``before_replace`` runs once the temp file
+    is fully on disk, just before the rename (used to set an old manifest aside only when the
+    new data is known to be written); it may return an ``undo`` callable, called if the rename
+    fails. On any OSError the temp file is removed and a StoreError naming ``path`` is raised;
+    the old ``path`` is untouched.
+    """
+    path = Path(path)
+    _mkdir(path.parent)
+    tmp = _tmp_name(path)
+    undo: Callable[[], None] | None = None
+    try:
+        with open(tmp, "xb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            undo = before_replace()
+        os.replace(tmp, path)
+        undo = None
+        fsync_dir(path.parent)
+    except OSError as e:
+        _unlink_quiet(tmp)
+        if undo is not None:
+            undo()
+        raise _store_error("write", path, e) from e
+    except BaseException:
+        _unlink_quiet(tmp)
+        if undo is not None:
+            undo()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, _json_text(obj))
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise _store_error("read", path, e) from e
+    except ValueError as e:
+        raise StoreError(f"cannot read {path}: not valid JSON ({e})", path=path) from e
+
+
+def _rows_to_table(rows: list[dict], schema: pa.Schema | None) -> pa.Table:
+    if schema is not None:
+        return pa.Table.from_pylist(rows, schema=schema)
+    if not rows:
+        return pa.table({})
+    # Union of keys in order of first appearance (from_pylist would silently use only the
+    # first row's keys); a row missing a key gets None. pa.array infers over all values.
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            keys.setdefault(k, None)
+    return pa.table({k: pa.array([r.get(k) for r in rows]) for k in keys})
+
+
+def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema | None = None, *, before_replace=None) -> None:
+    try:
+        table = _rows_to_table(rows, schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise StoreError(f"cannot write {path}: rows do not form a table ({e})", path=path) from e
+    _atomic_write(path, lambda f: pq.write_table(table, f), before_replace=before_replace)
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _check_stage_name(stage: str) -> str:
+    if not isinstance(stage, str) or not _STAGE_RE.match(stage) or stage == SHARDS_DIR:
+        raise ValueError(f"invalid stage name {stage!r}: use letters, digits, '_', '-', '.'")
+    return stage
+
+
+def _normalize_recipe(recipe: dict) -> dict:
+    """What recipe.yaml will hold: plain JSON types (Paths, enums ... become strings)."""
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and _TMP_INFIX in name
+
+
+# --------------------------------------------------------------------------- lock
+
+
+class RunLock:
+    """Exclusive ownership of a run directory by one process.
+
+    The file ``RUN/lock`` holds JSON ``{pid, host, since}`` for humans and error messages;
+    exclusion itself comes from an ``flock`` held on that file for the life of the owner.
+
+    Why flock: the kernel drops it when the owning process dies (kill -9, OOM, power loss of
+    a local process), so a stale lock is detected by simply being able to take the flock,
+    and taking over is a single atomic kernel operation — two processes racing for a stale
+    lock cannot both win. The protocol (a well-known pattern):
+
+    1. ``open(lock, O_RDWR|O_CREAT)``, ``flock(LOCK_EX|LOCK_NB)``; if that fails a live
+       process holds it -> :class:`RunLocked` naming pid/host/since from the file.
+    2. After getting the flock, check the path still names the inode we locked (a releasing
+       owner unlinks the file while still holding the flock); if not, retry.
+    3. Truncate and write our ``{pid, host, since}``, fsync. If the old content named another
+       pid, that owner died: ``took_over`` records it.
+    4. Release: unlink the file, then drop the flock (close).
+
+    Extra caution for shared storage (design §6): if the stale content names a *different
+    host* we refuse rather than trust flock across hosts (NFS mounted with ``nolock`` gives
+    host-local flocks), and say which file to delete if that process is really gone.
+    Where flock is unsupported (ENOLCK/EOPNOTSUPP) we fall back to ``O_EXCL`` creation plus a
+    same-host pid-liveness check; that fallback's takeover is not race-free (documented).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.path = self.root / LOCK_FILE
+        self._fd: int | None = None
+        self.took_over: dict | None = None
+        self.info: dict | None = None
+
+    # -- helpers
+    def _holder_error(self, holder: dict | None) -> RunLocked:
+        holder = holder or {}
+        pid = holder.get("pid", "?")
+        host = holder.get("host", "?")
+        since = holder.get("since", "?")
+        msg = f"run dir {self.root} is locked by pid {pid} on host {host} since {since}"
+        if host != socket.gethostname():
+            msg += f"; if that process is no longer running, delete {self.path} and retry"
+        else:
+            msg += "; wait for that process to finish or stop it"
+        return RunLocked(msg, path=self.root, holder=holder)
+
+    def _read_holder(self, retries: int = 20) -> dict | None:
+        # The holder may have just created the file and not written it yet.
+        import time
+
+        for i in range(retries):
+            try:
+                text = self.path.read_text(encoding="utf-8")
+                if text.strip():
+                    return json.loads(text)
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        return None
+
+    def _my_info(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+
+    # -- API
+    def acquire(self) -> "RunLock":
+        if self._fd is not None:
+            raise StoreError(f"lock {self.path} is already held by this RunLock", path=self.path)
+        _mkdir(self.root)
+        if fcntl is None:
+            return self._acquire_excl()
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise _store_error("open lock file", self.path, e) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._holder_error(self._read_holder()) from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return self._acquire_excl()
+                raise _store_error("lock", self.path, e) from e
+            # Did the file we locked get unlinked (released) before we locked it?
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            try:
+                old = os.read(fd, 1 << 16).decode("utf-8", "replace")
+                old_info = json.loads(old) if old.strip() else None
+            except ValueError:
+                old_info = None
+            if isinstance(old_info, dict) and old_info.get("host") not in (None, socket.gethostname()):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                raise self._holder_error(old_info)
+            info = self._my_info()
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(info).encode())
+                os.fsync(fd)
+            except OSError as e:
+                os.close(fd)
+                raise _store_error("write lock file", self.path, e) from e
+            self._fd = fd
+            self.info = info
+            self.took_over = old_info if isinstance(old_info, dict) else None
+            return self
+        raise StoreError(f"could not lock {self.path}: it keeps being replaced", path=self.path)
+
+    def _acquire_excl(self) -> "RunLock":
+        """Fallback without flock: O_EXCL + same-host pid check (takeover not race-free)."""
+        for _ in range(3):
+            info = self._my_info()
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._read_holder()
+                if (
+                    holder
+                    and holder.get("host") == socket.gethostname()
+                    and not _pid_alive(int(holder.get("pid", 0)))
+                ):
+                    _unlink_quiet(self.path)
+                    self.took_over = holder
+                    continue
+                raise self._holder_error(holder) from None
+            except OSError as e:
+                raise _store_error("create lock file", self.path, e) from e
+            try:
+                os.write(fd, json.dumps(info).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._fd = -1
+            self.info = info
+            return self
+        raise self._holder_error(self._read_holder())
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # Unlink while still holding the flock, so a waiter that opened the old inode
+        # notices (inode check in acquire) instead of locking a deleted file.
+        _unlink_quiet(self.path)
+        fsync_dir(self.root)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # No __del__: a RunLock dropped without release() keeps its flock until the process
+    # exits (then the file is a stale lock that the next acquire takes over), rather than
+    # silently unlocking a run that is still being worked on.
+
+
+
+# --------------------------------------------------------------------------- store
+
+
+class RunStore:
+    """A run directory. See ``docs/data-contracts.md`` for the layout."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, root, *, recipe: dict, algorithm: str, name: str | None = None) -> "RunStore":
+        """Create a run dir, or return the existing run when the recipe is the same (resume)."""
+        root = Path(root)
+        norm = _normalize_recipe(recipe)
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root} exists and is not a directory", path=root)
+        if (root / RUN_FILE).exists():
+            store = cls.open(root)
+            old = store.recipe()
+            info = store.run_info()
+            if hash_obj(old) != hash_obj(norm) or info.get("algorithm") != algorithm:
+                diff = sorted(k for k in set(old) | set(norm) if old.get(k, _MISSING) != norm.get(k, _MISSING))
+                parts = []
+                if info.get("algorithm") != algorithm:
+                    parts.append(f"algorithm {info.get('algorithm')!r} -> {algorithm!r}")
+                if diff:
+                    parts.append("recipe keys that differ: " + ", ".join(diff))
+                raise StoreError(
+                    f"{root} already holds a run with a different recipe ({'; '.join(parts)}). "
+                    f"To resume it, use `selfalign resume {root}`; to start a new run with this "
+                    f"recipe, pass a new --run-dir.",
+                    path=root,
+                )
+            return store
+        if root.exists():
+            # A create that crashed before run.json (the commit point) may leave recipe.yaml.
+            leftovers = [p.name for p in root.iterdir() if p.name != RECIPE_FILE and not _is_tmp(p.name)]
+            if leftovers:
+                raise StoreError(
+                    f"{root} is not empty and is not a selfalign run (no {RUN_FILE}); "
+                    f"choose a new --run-dir",
+                    path=root,
+                )
+        _mkdir(root)
+        atomic_write_text(root / RECIPE_FILE, yaml.safe_dump(norm, sort_keys=False, allow_unicode=True))
+        run_info = {
+            "name": name or root.resolve().name,
+            "algorithm": algorithm,
+            "created": _now(),
+            "selfalign_version": CODE_VERSION,
+            "recipe_hash": hash_obj(norm),
+        }
+        atomic_write_json(root / RUN_FILE, run_info)  # commit point
+        return cls(root)
+
+    @classmethod
+    def open(cls, root) -> "RunStore":
+        root = Path(root)
+        if not root.exists():
+            raise StoreError(f"{root} does not exist", path=root)
+        if not root.is_dir():
+            raise StoreError(f"{root} is not a directory", path=root)
+        if not (root / RUN_FILE).is_file():
+            raise StoreError(f"{root} is not a selfalign run (no {RUN_FILE})", path=root)
+        return cls(root)
+
+    def recipe(self) -> dict:
+        path = self.root / RECIPE_FILE
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise _store_error("read", path, e) from e
+        except yaml.YAMLError as e:
+            raise StoreError(f"cannot read {path}: invalid YAML ({e})", path=path) from e
+        return data or {}
+
+    def recipe_hash(self) -> str:
+        """hash_obj of the stored recipe (a convenience; callers may hash a subset instead)."""
+        return hash_obj(self.recipe())
+
+    def run_info(self) -> dict:
+        return _read_json_file(self.root / RUN_FILE)
+
+    # ------------------------------------------------------------------ paths
+    def iter_dir(self, t: int) -> Path:
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ValueError(f"invalid iteration {t!r}")
+        return self.root / f"iter_{t}"
+
+    def stage_dir(self, t: int, stage: str) -> Path:
+        return self.iter_dir(t) / _check_stage_name(stage)
+
+    def iterations(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _ITER_RE.match(p.name)
+            if m and p.is_dir():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def _stages_on_disk(self, t: int) -> list[str]:
+        d = self.iter_dir(t)
+        if not d.is_dir():
+            return []
+        return [p.name for p in d.iterdir() if p.is_dir() and _STAGE_RE.match(p.name)]
+
+    # ------------------------------------------------------------------ manifests
+    def manifest(self, t: int, stage: str) -> dict | None:
+        path = self.stage_dir(t, stage) / MANIFEST
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                m = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # unreadable manifest == not complete (it is written atomically)
+        return m if isinstance(m, dict) else None
+
+    def output_hash(self, t: int, stage: str) -> str:
+        m = self.manifest(t, stage)
+        if m is None:
+            raise StoreError(f"{self.stage_dir(t, stage)} is not complete (no {MANIFEST})",
+                             path=self.stage_dir(t, stage))
+        return m["output_hash"] if "output_hash" in m else hash_obj(m.get("outputs", {}))
+
+    def _write_manifest(self, t: int, stage: str, *, outputs: dict[str, str], inputs: dict[str, str],
+                        recipe_hash: str, rows: int | None, info: dict | None) -> str:
+        out_hash = hash_obj(outputs)
+        m = {
+            "stage": stage,
+            "iteration": t,
+            "recipe_hash": recipe_hash,
+            "inputs": dict(inputs),
+            "code_version": CODE_VERSION,
+            "created": _now(),
+            "outputs": outputs,
+            "output_hash": out_hash,
+            "rows": rows,
+            "info": info or {},
+        }
+        atomic_write_json(self.stage_dir(t, stage) / MANIFEST, m)
+        return out_hash
+
+    def _invalidate(self, t: int, stage: str) -> Callable[[], None] | None:
+        """Set the manifest aside (the stage is no longer complete).
+
+        Returns an ``undo`` that puts it back (used when the write that follows fails), or
+        None if there was no manifest. The set-aside copy is a temp file, removed by the
+        stage cleanup after the next commit.
+        """
+        path = self.stage_dir(t, stage) / MANIFEST
+        aside = _tmp_name(path)
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise _store_error("remove", path, e) from e
+        fsync_dir(path.parent)
+
+        def undo() -> None:
+            with contextlib.suppress(OSError):
+                os.rename(aside, path)
+                fsync_dir(path.parent)
+
+        return undo
+
+    def check_stage(self, t: int, stage: str, *, inputs: dict[str, str], recipe_hash: str) -> tuple[bool, str]:
+        """(True, "") if the stage is complete and was produced from these inputs + recipe.
+
+        Otherwise (False, reason) with a human reason. ``code_version`` is deliberately not
+        compared: a patch release must not redo a week of generation.
+        """
+        d = self.stage_dir(t, stage)
+        m = self.manifest(t, stage)
+        if m is None:
+            if (d / MANIFEST).exists():
+                return False, f"manifest unreadable: {d / MANIFEST}"
+            n = self._count_shards(t, stage)
+            return False, (f"partial ({n} shards)" if n else "not started")
+        if m.get("recipe_hash") != recipe_hash:
+            return False, "recipe changed"
+        old_inputs = m.get("inputs") or {}
+        changed = sorted(k for k in set(old_inputs) | set(inputs) if old_inputs.get(k) != inputs.get(k))
+        if changed:
+            return False, "inputs changed: " + ", ".join(changed)
+        for rel, digest in (m.get("outputs") or {}).items():
+            p = d / rel
+            if not p.is_file():
+                return False, f"output missing: {rel}"
+            try:
+                actual = sha256_file(p)
+            except OSError as e:
+                return False, f"output unreadable: {rel} ({_os_reason(e)})"
+            if actual != digest:
+                return False, f"output corrupted: {rel} (sha256 mismatch)"
+        return True, ""
+
+    # ------------------------------------------------------------------ cleanup
+    def _cleanup_stage(self, d: Path, *, keep: Iterable[str] = ()) -> None:
+        """Remove shards/, scratch dirs and leftover temp files/dirs of a committed stage."""
+        keep = set(keep)
+        if not d.is_dir():
+            return
+        for p in d.iterdir():
+            if p.name in keep:
+                continue
+            if p.name == SHARDS_DIR or _is_tmp(p.name) or (p.is_dir() and (p / SCRATCH_MARKER).exists()):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    _unlink_quiet(p)
+        fsync_dir(d)
+
+    # ------------------------------------------------------------------ tables
+    def write_rows(self, t: int, stage: str, rows: list[dict], *, inputs: dict[str, str], recipe_hash: str,
+                   info: dict | None = None, schema: pa.Schema | None = None) -> str:
+        """Write the complete table of a stage; returns its output hash (for downstream ``inputs``)."""
+        d = self.stage_dir(t, stage)
+        _mkdir(d)
+        data = d / DATA_FILE
+        # The old manifest is removed only once the new data is fully on disk (before_replace),
+        # so a failed write leaves the previous complete result valid.
+        _write_parquet(data, rows, schema, before_replace=lambda: self._invalidate(t, stage))
+        try:
+            digest = sha256_file(data)
+        except OSError as e:
+            raise _store_error("read", data, e) from e
+        out = self._write_manifest(t, stage, outputs={DATA_FILE: digest}, inputs=inputs,
+                                   recipe_hash=recipe_hash, rows=len(rows), info=info)
+        self._cleanup_stage(d)
+        return out
+
+    def read_rows(self, t: int, stage: str) -> list[dict]:
+        d = self.stage_dir(t, stage)
+        m = self.manifest(t, stage)
+        if m is None or DATA_FILE not in (m.get("outputs") or {}):
+            raise StoreError(f"{d} is not complete (no {MANIFEST} with {DATA_FILE})", path=d)
+        path = d / DATA_FILE
+        try:
+            return _read_parquet(path)
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"cannot read {path}: {e}", path=path) from e
+
+    # ------------------------------------------------------------------ shards
+    def _shard_dir(self, t: int, stage: str, key: str) -> Path:
+        if not key or not re.match(r"^[0-9A-Za-z_-]+$", key):
+            raise ValueError(f"invalid shard key {key!r}")
+        return self.stage_dir(t, stage) / SHARDS_DIR / key[:16]
+
+    def write_shard(self, t: int, stage: str, index: int, rows: list[dict], *, key: str,
+                    schema: pa.Schema | None = None) -> None:
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"invalid shard index {index!r}")
+        path = self._shard_dir(t, stage, key) / f"shard_{index:05d}.parquet"
+        _write_parquet(path, rows, schema)
+
+    def read_shards(self, t: int, stage: str, *, key: str) -> dict[int, list[dict]]:
+        """Complete, readable shards for ``key`` by index; a corrupt one is deleted and ignored."""
+        d = self._shard_dir(t, stage, key)
+        out: dict[int, list[dict]] = {}
+        if not d.is_dir():
+            return out
+        for p in sorted(d.iterdir()):
+            m = _SHARD_RE.match(p.name)
+            if not m:
+                if _is_tmp(p.name):  # a shard whose writer was killed
+                    _unlink_quiet(p)
+                continue
+            try:
+                out[int(m.group(1))] = _read_parquet(p)
+            except (OSError, pa.ArrowException):
+                _unlink_quiet(p)
+        return out
+
+    def _shard_files(self, t: int, stage: str) -> list[Path]:
+        base = self.stage_dir(t, stage) / SHARDS_DIR
+        if not base.is_dir():
+            return []
+        return [p for kd in base.iterdir() if kd.is_dir() for p in kd.iterdir() if _SHARD_RE.match(p.name)]
+
+    def _count_shards(self, t: int, stage: str) -> int:
+        return len(self._shard_files(t, stage))
+
+    # ------------------------------------------------------------------ directories
+    def scratch_dir(self, t: int, stage: str, name: str = "checkpoints") -> Path:
+        """A directory for partial work (TRL checkpoints ...); removed by commit_dir/write_rows."""
+        if not _STAGE_RE.match(name) or name in (SHARDS_DIR, MANIFEST, DATA_FILE):
+            raise ValueError(f"invalid scratch dir name {name!r}")
+        p = self.stage_dir(t, stage) / name
+        _mkdir(p)
+        marker = p / SCRATCH_MARKER
+        if not marker.exists():
+            try:
+                marker.touch()
+            except OSError as e:
+                raise _store_error("write", marker, e) from e
+        return p
+
+    def commit_dir(self, t: int, stage: str, build: Callable[[Path], Any], *, inputs: dict[str, str],
+                   recipe_hash: str, info: dict | None = None, subdir: str = "adapter") -> str:
+        """Build a directory output atomically; returns the output hash.
+
+        ``build(tmp)`` fills a temp dir inside the stage dir. Every file is fsynced, the temp
+        dir is renamed to ``stage_dir/subdir`` (an old one, complete or not, is moved aside and
+        deleted), then the manifest with the sha256 of every file is written last.
+        """
+        if not _STAGE_RE.match(subdir) or subdir in (SHARDS_DIR, MANIFEST, DATA_FILE):
+            raise ValueError(f"invalid subdir {subdir!r}")
+        d = self.stage_dir(t, stage)
+        _mkdir(d)
+        # Temp dirs left by a crashed earlier attempt.
+        for p in d.iterdir():
+            if _is_tmp(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        target = d / subdir
+        tmp = _tmp_name(target)
+        try:
+            tmp.mkdir()
+            build(tmp)
+            outputs: dict[str, str] = {}
+            for dirpath, dirnames, filenames in os.walk(tmp):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    fp = Path(dirpath) / fn
+                    with open(fp, "rb") as f:
+                        os.fsync(f.fileno())
+                    rel = fp.relative_to(tmp).as_posix()
+                    outputs[f"{subdir}/{rel}"] = sha256_file(fp)
+                fsync_dir(dirpath)
+            if not outputs:
+                raise StoreError(f"building {target} produced no files", path=target)
+            undo = self._invalidate(t, stage)
+            old: Path | None = None
+            if target.exists() or target.is_symlink():
+                old = _tmp_name(d / f"old-{subdir}")
+                os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if old is not None:  # put the previous output (and its manifest) back
+                    with contextlib.suppress(OSError):
+                        os.rename(old, target)
+                if undo is not None:
+                    undo()
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(d)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _store_error("write", target, e) from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        out = self._write_manifest(t, stage, outputs=outputs, inputs=inputs, recipe_hash=recipe_hash,
+                                   rows=None, info=info)
+        self._cleanup_stage(d, keep=[subdir])
+        return out
+
+    def output_path(self, t: int, stage: str, subdir: str = "adapter") -> Path:
+        """Path of a committed directory output (StoreError if the stage is not complete)."""
+        d = self.stage_dir(t, stage)
+        if self.manifest(t, stage) is None:
+            raise StoreError(f"{d} is not complete (no {MANIFEST})", path=d)
+        return d / subdir
+
+    # ------------------------------------------------------------------ iteration-level json
+    def _iter_file(self, t: int, name: str) -> Path:
+        if "/" in name or name.startswith(".") or not name:
+            raise ValueError(f"invalid file name {name!r}")
+        if not name.endswith(".json"):
+            name += ".json"
+        return self.iter_dir(t) / name
+
+    def write_json(self, t: int, name: str, obj: Any) -> None:
+        """Atomically write ``iter_<t>/<name>`` (``.json`` appended if missing)."""
+        atomic_write_json(self._iter_file(t, name), obj)
+
+    def read_json(self, t: int, name: str) -> dict | None:
+        path = self._iter_file(t, name)
+        if not path.exists():
+            return None
+        return _read_json_file(path)
+
+    # ------------------------------------------------------------------ events
+    def log_event(self, event: str, *, t: int | None = None, stage: str | None = None, **info) -> None:
+        """Append one JSON line to events.jsonl (O_APPEND, fsync)."""
+        rec = {"time": _now(), "event": event, "iteration": t, "stage": stage, "pid": os.getpid(), **info}
+        line = json.dumps(rec, default=str, ensure_ascii=False) + "\n"
+        path = self.root / EVENTS_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _store_error("write", path, e) from e
+        try:
+            size = os.fstat(fd).st_size
+            # A previous writer killed mid-line: start on a fresh line so ours stays parseable.
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        except OSError as e:
+            raise _store_error("write", path, e) from e
+        finally:
+            os.close(fd)
+
+    def events(self) -> list[dict]:
+        """All events; malformed lines (e.g. a truncated last line) are skipped."""
+        path = self.root / EVENTS_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise _store_error("read", path, e) from e
+        out = []
+        for raw in data.split(b"\n"):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def last_error(self) -> dict | None:
+        for e in reversed(self.events()):
+            if e.get("event") == "error":
+                return e
+        return None
+
+    # ------------------------------------------------------------------ status
+    def status(self, stages: list[str] | None = None) -> list[dict]:
+        """One row per (iteration, stage).
+
+        ``{iteration, stage, state: "done"|"partial"|"not started", detail, rows, error}``.
+        Stages are listed in the order given by ``stages`` (missing ones as "not started"),
+        then the other stages found on disk in the order they were first seen in events
+        (i.e. started), then by manifest creation time / name. ``error`` is the message of
+        the stage's last error event unless a later done/skip event superseded it.
+        ``done`` means a manifest exists; use :meth:`check_stage` to verify outputs.
+        """
+        events = self.events()
+        first_seen: dict[tuple[int, str], int] = {}
+        last_error: dict[tuple[int, str], dict | None] = {}
+        for i, e in enumerate(events):
+            it, st = e.get("iteration"), e.get("stage")
+            if not isinstance(it, int) or not isinstance(st, str):
+                continue
+            k = (it, st)
+            first_seen.setdefault(k, i)
+            if e.get("event") == "error":
+                last_error[k] = e
+            elif e.get("event") in ("done", "skip", "start"):
+                if e.get("event") != "start":
+                    last_error[k] = None
+        iters = set(self.iterations()) | {k[0] for k in first_seen}
+        rows = []
+        for t in sorted(iters):
+            found = set(self._stages_on_disk(t)) | {s for (it, s) in first_seen if it == t}
+            ordered = list(stages or [])
+            rest = [s for s in found if s not in ordered]
+
+            def sort_key(s: str):
+                m = self.manifest(t, s)
+                return (first_seen.get((t, s), len(events) + 1), (m or {}).get("created", "~"), s)
+
+            ordered += sorted(rest, key=sort_key)
+            for s in ordered:
+                rows.append(self._stage_status(t, s, last_error.get((t, s))))
+        return rows
+
+    def _stage_status(self, t: int, stage: str, err: dict | None) -> dict:
+        row = {"iteration": t, "stage": stage, "state": "not started", "detail": "", "rows": None,
+               "error": None}
+        if err:
+            row["error"] = err.get("message") or err.get("error") or _canonical_json(err)
+        m = self.manifest(t, stage)
+        if m is not None:
+            row.update(state="done", rows=m.get("rows"))
+            row["error"] = None
+            return row
+        shards = self._shard_files(t, stage)
+        if shards:
+            n_rows = 0
+            for p in shards:
+                try:
+                    n_rows += pq.read_metadata(p).num_rows
+                except (OSError, pa.ArrowException):
+                    pass
+            row.update(state="partial", detail=f"{len(shards)} shards", rows=n_rows)
+            return row
+        d = self.stage_dir(t, stage)
+        if d.is_dir():
+            scratch = [p.name for p in d.iterdir()
+                       if p.is_dir() and (p / SCRATCH_MARKER).exists() and len(list(p.iterdir())) > 1]
+            if scratch:
+                row.update(state="partial", detail=", ".join(sorted(scratch)))
+        return row
+
+    def lock(self) -> RunLock:
+        return RunLock(self.root)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()

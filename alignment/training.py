@@ -1,0 +1,176 @@
+"""TRL training with LoRA: DPO (Self-Rewarding, Meta-Rewarding, SPIN).
+
+Runs in-process or as ``python -m alignment.training SPEC.json`` so a cluster can put
+``accelerate launch -m alignment.training`` in its place (DESIGN §6).
+
+Reference model with LoRA: the policy of iteration t is M_t = base + adapter_{t-1}, and DPO
+needs M_t as the reference. We load adapter_{t-1} as the *trainable* adapter and pass no
+``peft_config``; TRL's DPOTrainer then adds a frozen copy of it named ``ref`` and computes the
+reference log-probs through that copy, so the reference is exactly M_t and the new adapter
+starts from M_t. In iteration 1 there is no adapter: a fresh LoRA is added and the reference is
+the base with adapters disabled (again M_1). The saved adapter is always a delta on the same
+base, so vLLM serves every iteration's model from one engine with ``LoRARequest``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DPOSpec:
+    base: str
+    data: str  # parquet/jsonl of pairs with prompt / chosen / rejected strings
+    output_dir: str  # where the adapter goes
+    checkpoint_dir: str  # TRL checkpoints (resume unit)
+    init_adapter: str | None = None
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    learning_rate: float = 5e-6
+    epochs: float = 1.0
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_length: int = 1024
+    save_steps: int = 10
+    seed: int = 0
+    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05,
+                                                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    crash_prefix: str = ""  # fault-injection point prefix, e.g. "iter1/train"
+
+
+def to_conversational(rows: list[dict]) -> list[dict]:
+    """Pairs table rows -> TRL's conversational preference format."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in rows
+    ]
+
+
+def _read_rows(path: str) -> list[dict]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _latest_checkpoint(checkpoint_dir: str) -> str | None:
+    ckpts = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    # A checkpoint dir is complete once trainer_state.json is in it (TRL writes it last).
+    ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
+    return str(ckpts[-1]) if ckpts else None
+
+
+def train_dpo(spec: DPOSpec) -> dict:
+    """Train one DPO step with LoRA; save the adapter to ``spec.output_dir``; return metrics."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from alignment.faults import crash_point
+
+    torch.manual_seed(spec.seed)
+    on_gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(spec.base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32 if not on_gpu else "auto")
+    peft_config = None
+    if spec.init_adapter:
+        model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
+    else:
+        peft_config = LoraConfig(
+            r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
+            target_modules=list(spec.lora["target_modules"]), task_type="CAUSAL_LM",
+        )
+
+    rows = to_conversational(_read_rows(spec.data))
+    dataset = Dataset.from_list(rows)
+    steps_per_epoch = max(1, math.ceil(len(rows) / (spec.batch_size * spec.grad_accum)))
+    args = DPOConfig(
+        output_dir=spec.checkpoint_dir,
+        beta=spec.beta,
+        loss_type=[spec.loss_type],
+        learning_rate=spec.learning_rate,
+        num_train_epochs=spec.epochs,
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        max_length=spec.max_length,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=spec.save_steps,
+        save_total_limit=2,
+        seed=spec.seed,
+        report_to=[],
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+    class _Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                margin = logs.get("rewards/margins")
+                extra = f" margin {margin:.4f}" if isinstance(margin, (int, float)) else ""
+                print(f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}{extra}", flush=True)
+
+        def on_save(self, args, state, control, **kw):
+            crash_point(f"{spec.crash_prefix}/saved{state.global_step}")
+
+        def on_step_end(self, args, state, control, **kw):
+            crash_point(f"{spec.crash_prefix}/step{state.global_step}")
+
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=[_Progress()],
+    )
+    resume = _latest_checkpoint(spec.checkpoint_dir)
+    if resume:
+        print(f"[train] resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+    crash_point(f"{spec.crash_prefix}/before_save")
+    trainer.model.save_pretrained(spec.output_dir, selected_adapters=["default"])
+    tokenizer.save_pretrained(spec.output_dir)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    keys = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+    metrics = {
+        "pairs": len(rows),
+        "steps": trainer.state.global_step,
+        "steps_per_epoch": steps_per_epoch,
+        "train_loss": result.training_loss,
+        "resumed_from": resume,
+        "curve": [{"step": h.get("step")} | {k: h[k] for k in keys if k in h} for h in history],
+    }
+    Path(spec.output_dir, "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "dpo":
+        print("usage: python -m alignment.training dpo SPEC.json", file=sys.stderr)
+        return 2
+    spec = DPOSpec(**json.loads(Path(argv[1]).read_text()))
+    train_dpo(spec)
+    return 0
+
+
+def spec_json(spec: DPOSpec) -> str:
+    return json.dumps(asdict(spec), indent=1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""``selfalign``: run, resume, inspect and review self-alignment runs.
+
+Lives in ``flows/`` because it triggers Prefect flows; ``alignment/`` stays Prefect-free.
+User mistakes (recipe, data, model, run directory) print one line and exit 2, before anything
+is written; a failed or interrupted run prints how to resume it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from alignment.config import RecipeError
+    from alignment.data import DataError
+    from alignment.generation import GenerationError
+    from alignment.models import ModelError
+    from alignment.prompts import TemplateError
+    from alignment.store import StoreError
+
+    return (RecipeError, DataError, ModelError, StoreError, TemplateError, GenerationError)
+
+
+def _fail(message: str, code: int = EXIT_USER) -> int:
+    print(f"selfalign: error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_prefect_defaults() -> None:
+    # A local, self-contained Prefect home unless the user configured one.
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _ui_hint() -> str:
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url.removesuffix("/api")
+    return "none (temporary server); run `make ui` and export PREFECT_API_URL=http://127.0.0.1:4200/api to watch runs live"
+
+
+def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> int:
+    from alignment.runs import open_run
+
+    errors = _user_errors()
+    try:  # validate everything before the flow (and the run dir) exists
+        store, parsed = open_run(run_dir, recipe, overrides)
+    except errors as err:
+        return _fail(str(err))
+    _quiet_prefect_defaults()
+    from flows.self_rewarding import self_rewarding_flow
+
+    print(f"selfalign: run directory {store.root}", flush=True)
+    try:
+        result = self_rewarding_flow(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
+    except KeyboardInterrupt:
+        store.log_event("error", message="interrupted (Ctrl-C)")
+        print(f"\nselfalign: interrupted; the run is resumable: selfalign resume {store.root}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except errors as err:
+        return _fail(str(err))
+    except Exception as err:  # a real failure: say where, keep the run resumable
+        print(f"selfalign: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"selfalign: fix the cause, then: selfalign resume {store.root}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"selfalign: done\n  run directory: {result['run_dir']}\n  adapter:       {result['adapter']}\n"
+          f"  Prefect UI:    {_ui_hint()}\n  review:        selfalign review {result['run_dir']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _run_flow(args.run_dir, args.recipe, args.set or [])
+
+
+def cmd_resume(args) -> int:
+    return _run_flow(args.run_dir, None, [])
+
+
+def cmd_status(args) -> int:
+    from alignment.self_rewarding import STAGES
+    from alignment.store import RunStore, StoreError
+
+    try:
+        store = RunStore.open(args.run_dir)
+        rows = store.status(stages=STAGES)
+    except StoreError as err:
+        return _fail(str(err))
+    info = store.run_info()
+    print(f"run {info.get('name')} ({info.get('algorithm')}) at {store.root}")
+    lock = store.root / "lock"
+    if lock.exists():
+        print(f"lock: {lock.read_text().strip()}")
+    current = None
+    for row in rows:
+        if row["iteration"] != current:
+            current = row["iteration"]
+            print(f"iteration {current}")
+        detail = f" ({row['detail']})" if row.get("detail") else ""
+        count = f", {row['rows']} rows" if row.get("rows") is not None and row["state"] == "done" else ""
+        err = f"  last error: {row['error']}" if row.get("error") else ""
+        print(f"  {row['stage']:<10} {row['state']}{detail}{count}{err}")
+    last = store.last_error()
+    if last:
+        print(f"last error: iter {last.get('iteration')} {last.get('stage')}: {last.get('message')} ({last.get('time')})")
+    return 0
+
+
+def cmd_review(args) -> int:
+    from alignment.store import RunStore, StoreError
+
+    try:
+        RunStore.open(args.run_dir)
+    except StoreError as err:
+        return _fail(str(err))
+    from alignment.review_app import serve
+
+    serve(args.run_dir, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve the flows as Prefect deployments, so runs can be triggered from the UI."""
+    _quiet_prefect_defaults()
+    from flows.self_rewarding import self_rewarding_flow
+
+    self_rewarding_flow.serve(name=args.name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfalign", description=__doc__.split("\n")[0].strip("`: "))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a recipe (re-running the same recipe and run dir resumes it)")
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny-self-rewarding.yaml")
+    p.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. --set iterations=1")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a killed or failed run with the recipe stored in it")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="per iteration and stage: done / partial / not started, and the last error")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("review", help="serve the review web UI over a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("serve", help="serve the flows as Prefect deployments (trigger runs from the UI)")
+    p.add_argument("--name", default="selfalign")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
