@@ -9,7 +9,7 @@ names the file and the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -113,20 +113,45 @@ class EngineConfig(_Model):
     batch_size: int = Field(16, ge=1, description="transformers backend: sequences per generate call")
 
 
-class SelfRewardingRecipe(_Model):
+class RecipeBase(_Model):
+    """Fields every algorithm's recipe has. Subclasses add their sections and set ``algorithm``."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="default run dir: runs/<name>")
+    model: str = Field(DEFAULT_MODEL, description="smollm2-135m (embedded), a local model/adapter dir, or a hub id")
+    seed: int = 0
+    iterations: int = Field(3, ge=1)
+    engine: EngineConfig = EngineConfig()
+
+    STAGES: ClassVar[list[str]] = []  # stage names per iteration, in order (for `selfalign status`)
+
+    def preflight(self) -> None:
+        """Load what the run will read (datasets, reward functions) so user mistakes fail
+        before the run directory is created. Subclasses extend this."""
+        from alignment.models import resolve
+
+        resolve(self.model)
+
+
+class SelfRewardingRecipe(RecipeBase):
     """Self-Rewarding Language Models (Yuan et al., 2024)."""
 
     algorithm: Literal["self-rewarding"]
     name: str = Field("self-rewarding", pattern=r"^[A-Za-z0-9._-]+$")
-    model: str = DEFAULT_MODEL
-    seed: int = 0
     iterations: int = Field(3, ge=1, description="paper: M1 -> M2 -> M3")
     prompts: PromptsConfig
     generation: SamplingConfig = SamplingConfig()
     judge: JudgeConfig = JudgeConfig()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
-    engine: EngineConfig = EngineConfig()
+
+    STAGES: ClassVar[list[str]] = ["prompts", "generate", "judge", "pairs", "train"]
+
+    def preflight(self) -> None:
+        from alignment.data import load_prompts
+
+        super().preflight()
+        p = self.prompts
+        load_prompts(p.source, field=p.field, split=p.split, limit=p.limit)
 
     @model_validator(mode="after")
     def _check(self) -> "SelfRewardingRecipe":
@@ -137,8 +162,26 @@ class SelfRewardingRecipe(_Model):
         return self
 
 
-Recipe = Annotated[SelfRewardingRecipe, Field(discriminator="algorithm")]
-RECIPES: dict[str, type[_Model]] = {"self-rewarding": SelfRewardingRecipe}
+RECIPES: dict[str, type[RecipeBase]] = {"self-rewarding": SelfRewardingRecipe}
+
+
+def register(recipe_cls: type[RecipeBase]) -> type[RecipeBase]:
+    """Add an algorithm's recipe model (called by the module that defines it)."""
+    algorithm = recipe_cls.model_fields["algorithm"].annotation.__args__[0]
+    RECIPES[algorithm] = recipe_cls
+    return recipe_cls
+
+
+def _load_algorithms() -> None:
+    # Recipe models of the other algorithms live next to their logic; importing registers them.
+    import importlib
+
+    for module in ("alignment.meta_rewarding_config", "alignment.spin_config", "alignment.perl_config"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -172,7 +215,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def parse_recipe(data: Any, source: str = "<recipe>") -> SelfRewardingRecipe:
+def parse_recipe(data: Any, source: str = "<recipe>") -> RecipeBase:
+    _load_algorithms()
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping")
     algorithm = data.get("algorithm")
@@ -184,7 +228,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> SelfRewardingRecipe:
         raise RecipeError(_format_error(source, err)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[SelfRewardingRecipe, dict[str, Any]]:
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeBase, dict[str, Any]]:
     """Read, override and validate a recipe; return the model and the resolved dict.
 
     Relative prompt sources are resolved against the recipe's directory, so a recipe works

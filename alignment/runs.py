@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignment.config import RecipeError, SelfRewardingRecipe, load_recipe, parse_recipe
-from alignment.data import load_prompts
-from alignment.models import resolve
-from alignment.store import RECIPE_FILE, RunStore, StoreError
+from alignment.config import RecipeBase, RecipeError, load_recipe, parse_recipe
+from alignment.store import RECIPE_FILE, RunStore
 
 
-def default_run_dir(recipe: SelfRewardingRecipe) -> Path:
+def default_run_dir(recipe: RecipeBase) -> Path:
     return Path("runs") / recipe.name
 
 
-def load_for_run(run_dir: str | Path | None, recipe_path: str | Path | None, overrides: list[str]) -> tuple[SelfRewardingRecipe, dict, Path]:
+def load_for_run(run_dir: str | Path | None, recipe_path: str | Path | None, overrides: list[str]) -> tuple[RecipeBase, dict, Path]:
     """The validated recipe (from a file, or the one stored in ``run_dir`` to resume) and the run dir."""
     if recipe_path is not None:
         recipe, data = load_recipe(recipe_path, overrides)
@@ -33,18 +31,8 @@ def load_for_run(run_dir: str | Path | None, recipe_path: str | Path | None, ove
     return recipe, data, Path(run_dir) if run_dir else default_run_dir(recipe)
 
 
-def preflight(recipe: SelfRewardingRecipe) -> None:
-    """Fail fast on user mistakes: the model reference and the prompt source must load."""
-    resolve(recipe.model)
-    p = recipe.prompts
-    load_prompts(p.source, field=p.field, split=p.split, limit=p.limit)
-
-
-def open_run(run_dir: str | Path | None, recipe_path: str | Path | None, overrides: list[str]) -> tuple[RunStore, SelfRewardingRecipe]:
+def open_run(run_dir: str | Path | None, recipe_path: str | Path | None, overrides: list[str]) -> tuple[RunStore, RecipeBase]:
     recipe, data, path = load_for_run(run_dir, recipe_path, overrides)
-    preflight(recipe)
-    try:
-        store = RunStore.create(path, recipe=data, algorithm=recipe.algorithm, name=recipe.name)
-    except StoreError:
-        raise
+    recipe.preflight()  # user mistakes fail here, before the run directory exists
+    store = RunStore.create(path, recipe=data, algorithm=recipe.algorithm, name=recipe.name)
     return store, recipe

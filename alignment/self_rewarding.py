@@ -187,12 +187,12 @@ class SelfRewardingRun:
 
     def train(self, t: int) -> str | None:
         """DPO on this iteration's pairs (with review corrections applied) → adapter of M_{t+1}."""
-        inputs = {"pairs": self.store.output_hash(t, "pairs"), "model": self.model_hash(t)}
+        inputs = self.train_inputs(t)
         recipe_hash = self._section_hash("train")
         if stage_outcome(self.store, t, "train", inputs, recipe_hash, self.log) is not None:
             return self.adapter(t)
-        pairs = self.store.read_rows(t, "pairs")
-        pairs, applied = self.reviewed_pairs(t, pairs)
+        pairs, applied = self.reviewed_pairs(t, self.store.read_rows(t, "pairs"))
+        pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs] + self.extra_training_rows(t)
         if not pairs:
             self.log(f"WARNING iter {t} train: no preference pairs (all ties or failed judgments); "
                      f"skipping training, M_{t + 1} = M_{t}")
@@ -230,6 +230,14 @@ class SelfRewardingRun:
         self.log(f"iter {t} train: adapter {final} (loss {metrics.get('train_loss', float('nan')):.4f}, "
                  f"{metrics.get('steps')} steps)")
         return str(final)
+
+    def train_inputs(self, t: int) -> dict:
+        """Upstream outputs the train stage depends on (subclasses add theirs)."""
+        return {"pairs": self.store.output_hash(t, "pairs"), "model": self.model_hash(t)}
+
+    def extra_training_rows(self, t: int) -> list[dict]:
+        """More {prompt, chosen, rejected} rows for the same DPO step (Meta-Rewarding: judge pairs)."""
+        return []
 
     def _rel(self, path: str | Path | None) -> str | None:
         return None if path is None else Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()

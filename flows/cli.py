@@ -56,11 +56,11 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> 
     except errors as err:
         return _fail(str(err))
     _quiet_prefect_defaults()
-    from flows.self_rewarding import self_rewarding_flow
+    from flows.registry import flow_for
 
-    print(f"selfalign: run directory {store.root}", flush=True)
+    print(f"selfalign: {parsed.algorithm} run directory {store.root}", flush=True)
     try:
-        result = self_rewarding_flow(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
+        result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
     except KeyboardInterrupt:
         store.log_event("error", message="interrupted (Ctrl-C)")
         print(f"\nselfalign: interrupted; the run is resumable: selfalign resume {store.root}", file=sys.stderr)
@@ -71,8 +71,10 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> 
         print(f"selfalign: run failed: {type(err).__name__}: {err}", file=sys.stderr)
         print(f"selfalign: fix the cause, then: selfalign resume {store.root}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"selfalign: done\n  run directory: {result['run_dir']}\n  adapter:       {result['adapter']}\n"
-          f"  Prefect UI:    {_ui_hint()}\n  review:        selfalign review {result['run_dir']}")
+    print("selfalign: done")
+    for key, value in result.items():
+        print(f"  {key.replace('_', ' ') + ':':<15}{value}")
+    print(f"  {'Prefect UI:':<15}{_ui_hint()}\n  {'review:':<15}selfalign review {result['run_dir']}")
     return 0
 
 
@@ -85,12 +87,14 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from alignment.self_rewarding import STAGES
+    from alignment.config import RECIPES, _load_algorithms
     from alignment.store import RunStore, StoreError
 
     try:
         store = RunStore.open(args.run_dir)
-        rows = store.status(stages=STAGES)
+        _load_algorithms()
+        recipe_cls = RECIPES.get(store.run_info().get("algorithm"))
+        rows = store.status(stages=recipe_cls.STAGES if recipe_cls else None)
     except StoreError as err:
         return _fail(str(err))
     info = store.run_info()
@@ -129,9 +133,11 @@ def cmd_review(args) -> int:
 def cmd_serve(args) -> int:
     """Serve the flows as Prefect deployments, so runs can be triggered from the UI."""
     _quiet_prefect_defaults()
-    from flows.self_rewarding import self_rewarding_flow
+    from prefect import serve
 
-    self_rewarding_flow.serve(name=args.name)
+    from flows.registry import all_flows
+
+    serve(*[f.to_deployment(name=args.name) for f in all_flows()])
     return 0
 
 

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny randomly initialised model (fast tier) and the embedded model (integration)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The embedded SmolLM2-135M as a safetensors directory (converted once, then cached)."""
+    from alignment.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A 2-layer randomly initialised Llama with the embedded model's real tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A throwaway Prefect API (SQLite) for the whole test session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_recipe(path: Path, model: str, prompts: Path, **overrides) -> Path:
+    """A small self-rewarding recipe file for tests; ``overrides`` are dotted keys."""
+    import yaml
+
+    from alignment.config import apply_overrides
+
+    data = {
+        "algorithm": "self-rewarding",
+        "name": "test",
+        "model": model,
+        "seed": 0,
+        "iterations": 1,
+        "prompts": {"source": str(prompts)},
+        "generation": {"n": 2, "max_tokens": 8},
+        "judge": {"n": 2, "mode": "logprob", "score": "expected", "max_tokens": 8},
+        "train": {"batch_size": 2, "max_length": 128, "save_steps": 1, "launcher": "inprocess"},
+        "engine": {"backend": "transformers", "shard_size": 2},
+    }
+    data = apply_overrides(data, [f"{k}={v}" for k, v in overrides.items()])
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(f'{{"prompt": "Question number {i}?"}}\n' for i in range(4)))
+    return p
