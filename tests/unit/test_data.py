@@ -1,0 +1,54 @@
+import pytest
+
+from alignment.data import DataError, load_prompts, prompt_id
+
+
+def test_jsonl_csv_parquet_read_the_same(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["What is AI?", "Name a fruit.", "What is AI?"]  # duplicate dropped
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in texts) + "\n")
+    (tmp_path / "p.csv").write_text("text\n" + "\n".join(texts) + "\n")
+    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet")
+    results = [load_prompts(str(tmp_path / f"p.{ext}"), field="text") for ext in ("jsonl", "csv", "parquet")]
+    assert results[0] == results[1] == results[2]
+    assert [r["prompt"] for r in results[0]] == texts[:2]
+    assert results[0][0]["prompt_id"] == prompt_id("What is AI?") and results[0][0]["source"] == "seed"
+
+
+def test_limit(tmp_path):
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"prompt": "q{i}"}}\n' for i in range(5)))
+    assert len(load_prompts(str(tmp_path / "p.jsonl"), limit=2)) == 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "ok"}\n{"prompt": "bad\n', ":2: invalid JSON"),
+        ('{"prompt": "ok"}\n\n["a list"]\n', ":3: expected a JSON object"),
+        ('{"question": "x"}\n', ":1: missing field 'prompt'"),
+        ('{"prompt": 3}\n', ":1: field 'prompt' must be a string"),
+        ('{"prompt": "  "}\n', ":1: field 'prompt' is empty"),
+        ("", "no prompts"),
+    ],
+)
+def test_bad_prompt_files_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        load_prompts(str(path))
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        load_prompts(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_prompts(str(tmp_path / "bin.jsonl"))
+    with pytest.raises(DataError, match="is a directory"):
+        load_prompts(str(tmp_path))
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="parquet"):
+        load_prompts(str(tmp_path / "x.parquet"))

@@ -1,0 +1,79 @@
+"""The transformers backend on the tiny random model: shapes, seeding, stop strings, digit probabilities."""
+
+import pytest
+
+from alignment.actor import clean_instruction, generate_responses, self_instruct
+from alignment.generation import EngineSpec, GenerationError, HFGenerator, Sampling, choose_backend
+from alignment.judge import DIGITS, JudgeSettings, judge_responses
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    g = HFGenerator(EngineSpec(base=str(tiny_model_dir), backend="transformers", batch_size=8))
+    yield g
+    g.close()
+
+
+def test_chat_returns_n_completions_with_token_counts(gen):
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello there"}]]
+    out = gen.chat(convs, Sampling(n=3, max_tokens=5), seed=1)
+    assert [len(per) for per in out] == [3, 3]
+    assert all(0 < c.n_tokens <= 5 for per in out for c in per)
+
+
+def test_same_seed_same_text_different_seed_differs(gen):
+    conv = [[{"role": "user", "content": "tell me something"}]]
+    a = gen.chat(conv, Sampling(n=2, max_tokens=8, temperature=1.0), seed=7)
+    b = gen.chat(conv, Sampling(n=2, max_tokens=8, temperature=1.0), seed=7)
+    c = gen.chat(conv, Sampling(n=2, max_tokens=8, temperature=1.0), seed=8)
+    assert a == b and a != c
+
+
+def test_next_token_probs_over_digits(gen):
+    conv = [[{"role": "user", "content": "rate"}, {"role": "assistant", "content": "ok\nScore: "}]]
+    (probs,) = gen.next_token_probs(conv, DIGITS)
+    assert set(probs) == set(DIGITS) and 0 < sum(probs.values()) <= 1
+
+
+def test_constrained_needs_vllm(gen):
+    with pytest.raises(GenerationError, match="vLLM"):
+        gen.chat([[{"role": "user", "content": "x"}]], Sampling(regex="a"))
+
+
+def test_choose_backend_explicit():
+    assert choose_backend("transformers") == "transformers"
+
+
+def test_generate_and_judge_rows_follow_the_schema(gen):
+    prompts = [{"prompt_id": "p1", "prompt": "q1"}, {"prompt_id": "p2", "prompt": "q2"}]
+    rows = generate_responses(gen, prompts, Sampling(n=2, max_tokens=4), seed=0)
+    assert [(r["prompt_id"], r["response_index"]) for r in rows] == [("p1", 0), ("p1", 1), ("p2", 0), ("p2", 1)]
+    assert set(rows[0]) == {"prompt_id", "prompt", "response_index", "response", "length"}
+    judged = judge_responses(gen, rows, JudgeSettings(n=2, mode="logprob", score="expected", max_tokens=4))
+    assert len(judged) == 4
+    for r in judged:
+        assert len(r["judgments"]) == len(r["scores"]) == len(r["expected_scores"]) == 2
+        assert r["score_modes"] == ["logprob", "logprob"] and r["n_failed"] == 0
+        assert all(0 <= s <= 5 for s in r["scores"]) and r["judgments"][0].rstrip().endswith(f"Score: {r['score_ints'][0]}")
+    free = judge_responses(gen, rows[:1], JudgeSettings(n=2, mode="free", max_tokens=4))
+    assert free[0]["score_modes"] == ["parsed", "parsed"]  # random model: almost surely no parseable score
+    assert free[0]["n_failed"] == sum(s is None for s in free[0]["scores"])
+
+
+def test_self_instruct_dedupes_and_filters(gen):
+    seeds = [{"prompt_id": f"s{i}", "prompt": f"Seed question {i}?"} for i in range(4)]
+    rows, stats = self_instruct(gen, seeds, n_new=2, few_shot=2, max_attempts=2, min_chars=1, max_chars=400,
+                                sampling=Sampling(n=1, max_tokens=12, temperature=1.0), seed=0)
+    assert stats["requested"] <= 4 and stats["kept"] == len(rows) <= 2
+    assert len({r["prompt_id"] for r in rows}) == len(rows)
+    assert all(r["source"] == "self_instruct" for r in rows)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1. Write a poem about cats.\nMore text", "Write a poem about cats."),
+    ("Task 9: Explain gravity.", "Explain gravity."),
+    ('\n\n- "Describe the sea."', "Describe the sea."),
+    ("", ""),
+])
+def test_clean_instruction(text, expected):
+    assert clean_instruction(text) == expected
