@@ -77,7 +77,7 @@ class SelfRewardingRun:
                 max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
                 gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
                 enable_lora=self.recipe.iterations > 1 or self.base.adapter is not None,
-                max_lora_rank=max(8, self.recipe.train.lora.r), batch_size=e.batch_size,
+                max_lora_rank=lora_rank_slot(self.recipe.train.lora.r), batch_size=e.batch_size,
             )
             self.log(f"starting {e.backend} engine for {self.base.base}")
             self._generator = open_generator(spec)
@@ -270,6 +270,14 @@ class SelfRewardingRun:
         self.pairs(t)
         self.train(t)
         return self.metrics(t)
+
+
+def lora_rank_slot(r: int) -> int:
+    """vLLM accepts max_lora_rank only from a fixed set (8, 16, 32, ...): the smallest that fits r."""
+    slot = 8
+    while slot < r:
+        slot *= 2
+    return slot
 
 
 def _group(rows: list[dict]) -> dict[str, list[dict]]:

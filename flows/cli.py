@@ -72,8 +72,9 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> 
         print(f"selfalign: fix the cause, then: selfalign resume {store.root}", file=sys.stderr)
         return EXIT_FAILED
     print("selfalign: done")
+    names = {"run_dir": "run directory"}
     for key, value in result.items():
-        print(f"  {key.replace('_', ' ') + ':':<15}{value}")
+        print(f"  {names.get(key, key.replace('_', ' ')) + ':':<15}{value}")
     print(f"  {'Prefect UI:':<15}{_ui_hint()}\n  {'review:':<15}selfalign review {result['run_dir']}")
     return 0
 
