@@ -113,6 +113,14 @@ class EngineConfig(_Model):
     batch_size: int = Field(16, ge=1, description="transformers backend: sequences per generate call")
 
 
+class ReviewConfig(_Model):
+    """Human review before training (see README "Reviewing judge data")."""
+
+    gate: bool = Field(False, description="pause before each training stage until a person approves in the Prefect UI")
+    timeout_s: int = Field(86400, ge=10, description="how long the gate waits before failing the run (resumable)")
+    url: str = Field("http://127.0.0.1:8765", description="where `selfalign review` serves, for links in artifacts")
+
+
 class RecipeBase(_Model):
     """Fields every algorithm's recipe has. Subclasses add their sections and set ``algorithm``."""
 
@@ -121,6 +129,7 @@ class RecipeBase(_Model):
     seed: int = 0
     iterations: int = Field(3, ge=1)
     engine: EngineConfig = EngineConfig()
+    review: ReviewConfig = ReviewConfig()
 
     STAGES: ClassVar[list[str]] = []  # stage names per iteration, in order (for `selfalign status`)
 

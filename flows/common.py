@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -34,19 +35,21 @@ def progress_factory(store: RunStore):
     return factory
 
 
-def review_url(t: int) -> str | None:
-    import os
-
-    base = os.environ.get("SELFALIGN_REVIEW_URL")
-    return f"{base.rstrip('/')}/iterations/{t}" if base else None
+def review_url(base: str, t: int) -> str:
+    return f"{base.rstrip('/')}/iterations/{t}"
 
 
-def publish_iteration(store: RunStore, t: int, metrics: dict) -> None:
+def publish_iteration(store: RunStore, t: int, metrics: dict, *, review_base: str) -> None:
     name = store.run_info().get("name", store.root.name)
+    url = review_url(review_base, t)
     create_markdown_artifact(
         key=_key(name, "iter", t, "summary"),
-        markdown=summary_markdown(metrics, review_url=review_url(t)),
-        description=f"Self-Rewarding iteration {t} summary",
+        markdown=summary_markdown(metrics, review_url=url),
+        description=f"iteration {t} summary",
+    )
+    create_link_artifact(
+        key=_key(name, "iter", t, "review"), link=url, link_text=f"Review iteration {t} judge data",
+        description=f"served by `selfalign review {store.root}`",
     )
     create_table_artifact(
         key=_key(name, "iter", t, "judge"),

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,11 +16,12 @@ from alignment.store import RunStore
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
+_PREFECT_HOME = tempfile.mkdtemp(prefix="selfalign-prefect-")
 SHRINK = ["--set", "prompts.limit=4", "--set", "generation.max_tokens=32", "--set", "judge.max_tokens=32"]
 
 
 def _selfalign(*args, env_extra=None, timeout=900):
-    env = dict(os.environ, PREFECT_HOME=os.environ.get("PREFECT_HOME", str(REPO / ".prefect-test")))
+    env = dict(os.environ, PREFECT_HOME=os.environ.get("PREFECT_HOME") or _PREFECT_HOME)
     env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
