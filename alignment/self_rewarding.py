@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from alignment import corrections
 from alignment.actor import generate_responses, self_instruct
 from alignment.config import SelfRewardingRecipe
 from alignment.data import load_prompts
@@ -191,7 +192,7 @@ class SelfRewardingRun:
         recipe_hash = self._section_hash("train")
         if stage_outcome(self.store, t, "train", inputs, recipe_hash, self.log) is not None:
             return self.adapter(t)
-        pairs, applied = self.reviewed_pairs(t, self.store.read_rows(t, "pairs"))
+        pairs, applied = self.reviewed_pairs(t)
         pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs] + self.extra_training_rows(t)
         if not pairs:
             self.log(f"WARNING iter {t} train: no preference pairs (all ties or failed judgments); "
@@ -242,9 +243,16 @@ class SelfRewardingRun:
     def _rel(self, path: str | Path | None) -> str | None:
         return None if path is None else Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
 
-    def reviewed_pairs(self, t: int, pairs: list[dict]) -> tuple[list[dict], list[str]]:
-        """Hook for review corrections; returns (pairs to train on, ids of corrections applied)."""
-        return pairs, []
+    def reviewed_pairs(self, t: int) -> tuple[list[dict], list[str]]:
+        """This iteration's pairs with the review corrections stored so far applied
+        (``corrections.jsonl``, written by ``selfalign review``), and the applied ids, which
+        the train manifest records so each adapter says what it was trained with."""
+        if not corrections.load_corrections(self.store, t):
+            return self.store.read_rows(t, "pairs"), []
+        pairs, applied = corrections.reviewed_pairs(self.store, t)
+        if applied:
+            self.log(f"iter {t} train: {len(applied)} review corrections applied")
+        return pairs, applied
 
     # ---- reporting ---------------------------------------------------------------------
     def metrics(self, t: int) -> dict:

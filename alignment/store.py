@@ -704,6 +704,18 @@ class RunStore:
             raise StoreError(f"cannot read {path}: {e}", path=path) from e
 
     # ------------------------------------------------------------------ shards
+
+    def read_table(self, t: int, stage: str) -> pa.Table:
+        """A complete stage's table as Arrow (no Python rows: the review app pages through
+        40,000-row judge tables without converting them)."""
+        d = self.stage_dir(t, stage)
+        manifest = self.manifest(t, stage)
+        if manifest is None or DATA_FILE not in (manifest.get("outputs") or {}):
+            raise StoreError(f"{d} is not complete (no manifest with {DATA_FILE})", path=d)
+        try:
+            return pq.read_table(d / DATA_FILE)
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"cannot read {d / DATA_FILE}: {e}", path=d / DATA_FILE) from e
     def _shard_dir(self, t: int, stage: str, key: str) -> Path:
         if not key or not re.match(r"^[0-9A-Za-z_-]+$", key):
             raise ValueError(f"invalid shard key {key!r}")
@@ -848,8 +860,19 @@ class RunStore:
     def log_event(self, event: str, *, t: int | None = None, stage: str | None = None, **info) -> None:
         """Append one JSON line to events.jsonl (O_APPEND, fsync)."""
         rec = {"time": _now(), "event": event, "iteration": t, "stage": stage, "pid": os.getpid(), **info}
-        line = json.dumps(rec, default=str, ensure_ascii=False) + "\n"
-        path = self.root / EVENTS_FILE
+        self.append_jsonl(EVENTS_FILE, rec)
+
+    def events(self) -> list[dict]:
+        """All events; malformed lines (e.g. a truncated last line) are skipped."""
+        return self.read_jsonl(EVENTS_FILE)
+
+    def append_jsonl(self, name: str, record: dict) -> None:
+        """Append one JSON line to the run-level file ``name`` (O_APPEND + fsync: a line is
+        either fully there or, after a kill mid-write, a torn tail that readers skip)."""
+        if not _STAGE_RE.match(name):
+            raise ValueError(f"invalid run file name {name!r}")
+        line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
+        path = self.root / name
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
@@ -866,9 +889,9 @@ class RunStore:
         finally:
             os.close(fd)
 
-    def events(self) -> list[dict]:
-        """All events; malformed lines (e.g. a truncated last line) are skipped."""
-        path = self.root / EVENTS_FILE
+    def read_jsonl(self, name: str) -> list[dict]:
+        """The JSON objects of run-level file ``name`` ([] if absent); malformed lines skipped."""
+        path = self.root / name
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -38,6 +38,8 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No telemetry from the temporary server: it only costs failed DNS lookups offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _ui_hint() -> str:
@@ -53,6 +55,10 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> 
     errors = _user_errors()
     try:  # validate everything before the flow (and the run dir) exists
         store, parsed = open_run(run_dir, recipe, overrides)
+    except errors as err:
+        return _fail(str(err))
+    try:  # fail at once, before Prefect starts, if another process owns the run (the flow locks for real)
+        store.lock().acquire().release()
     except errors as err:
         return _fail(str(err))
     _quiet_prefect_defaults()
@@ -98,23 +104,41 @@ def cmd_status(args) -> int:
         rows = store.status(stages=recipe_cls.STAGES if recipe_cls else None)
     except StoreError as err:
         return _fail(str(err))
+    from alignment.stages import interrupted_stages, lock_state, shard_totals
+
     info = store.run_info()
     print(f"run {info.get('name')} ({info.get('algorithm')}) at {store.root}")
-    lock = store.root / "lock"
-    if lock.exists():
-        print(f"lock: {lock.read_text().strip()}")
+    lock, events = lock_state(store), store.events()
+    if lock:
+        who = f"pid {lock.get('pid')} on {lock.get('host')} since {lock.get('since')}"
+        state = {True: "running", False: "stale: that process is gone (killed?); `selfalign resume` takes it over",
+                 None: "on another host, cannot check if it is alive"}[lock["live"]]
+        print(f"lock: {who} ({state})")
+    # SIGKILL leaves no error event: a stage still "started" with no live owner was killed.
+    killed = {} if lock and lock["live"] is not False else interrupted_stages(store, events)
+    totals = shard_totals(store, events)
     current = None
     for row in rows:
         if row["iteration"] != current:
             current = row["iteration"]
             print(f"iteration {current}")
-        detail = f" ({row['detail']})" if row.get("detail") else ""
+        detail = row.get("detail") or ""
+        total = totals.get((row["iteration"], row["stage"]))
+        if row["state"] == "partial" and total and detail.endswith(" shards"):
+            detail = f"{detail.split()[0]}/{total} shards, {row['rows']} rows"
+        detail = f" ({detail})" if detail else ""
         count = f", {row['rows']} rows" if row.get("rows") is not None and row["state"] == "done" else ""
         err = f"  last error: {row['error']}" if row.get("error") else ""
+        start = killed.get((row["iteration"], row["stage"]))
+        if start and not row.get("error") and row["state"] != "done":
+            err = f"  interrupted: pid {start.get('pid')} stopped without finishing (killed?)"
         print(f"  {row['stage']:<10} {row['state']}{detail}{count}{err}")
     last = store.last_error()
     if last:
-        print(f"last error: iter {last.get('iteration')} {last.get('stage')}: {last.get('message')} ({last.get('time')})")
+        where = f"iter {last.get('iteration')} {last.get('stage')}: " if last.get("stage") else ""
+        print(f"last error: {where}{last.get('message')} ({last.get('time')})")
+    if any(r["state"] != "done" for r in rows) and not (lock and lock["live"]):
+        print(f"resume with: selfalign resume {store.root}")
     return 0
 
 

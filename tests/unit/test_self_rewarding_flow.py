@@ -86,3 +86,33 @@ def test_no_pairs_skips_training_with_a_warning(tmp_path, tiny_model_dir, prompt
     assert any("no preference pairs" in line for line in logs)
     assert store.manifest(1, "train")["info"]["trained"] is False
     assert run.model(2).adapter is None
+
+
+def test_training_applies_review_corrections(tmp_path, tiny_model_dir):
+    import json as _json
+
+    from alignment.corrections import add_correction
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Tell me about topic {i}."}}\n' for i in range(6)))
+    recipe_path = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), prompts, **{"generation.n": 3})
+    recipe, data = load_recipe(recipe_path)
+    store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
+    run = SelfRewardingRun(store, recipe, log=lambda _: None)
+    for stage in ("prompts", "generate", "judge"):
+        getattr(run, stage)(1)
+    run.pairs(1)
+    pairs = store.read_rows(1, "pairs")
+    assert len(pairs) >= 2, "tiny model should produce some non-tied prompts"
+    excluded, swapped = pairs[0], pairs[1]
+    c1 = add_correction(store, {"iteration": 1, "action": "exclude_pair", "prompt_id": excluded["prompt_id"], "who": "t"})
+    c2 = add_correction(store, {"iteration": 1, "action": "swap", "prompt_id": swapped["prompt_id"], "who": "t"})
+    adapter = run.train(1)
+    info = store.manifest(1, "train")["info"]
+    assert sorted(info["corrections"]) == sorted([c1["id"], c2["id"]])
+    trained = [_json.loads(line) for line in (store.root / info["adapter"] / "train_pairs.jsonl").read_text().splitlines()]
+    assert len(trained) == len(pairs) - 1
+    assert excluded["prompt"] not in [p["prompt"] for p in trained]
+    flipped = next(p for p in trained if p["prompt"] == swapped["prompt"])
+    assert (flipped["chosen"], flipped["rejected"]) == (swapped["rejected"], swapped["chosen"])
+    assert adapter and run.model(2).adapter == adapter

@@ -1,0 +1,656 @@
+"""The review app: browse a run's judge datasets and record corrections before training.
+
+A small server-rendered Starlette + Jinja2 app (autoescaping on: model text is shown, never
+executed). It reads the run directory only through :mod:`alignment.store` and shows complete
+stages only (a stage without a manifest is listed as in progress), so it can be pointed at a
+run that is still being written. Request parameters never become paths: the iteration is an
+int checked against ``store.iterations()``, stage names against the stages the store reports.
+
+Speed on 10,000 prompts: the judge table is kept as Arrow, cached per (iteration, output
+hash); only its small columns (scores, lengths) become Python rows, and a page materialises
+the few dozen prompts it shows. The per-prompt summaries that filters and sorts run over are
+cached per (tables, corrections). GET handlers are plain functions, so Starlette runs them in
+its thread pool and a first table load does not block other requests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlencode
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+
+from alignment.corrections import (
+    EXPORT_FORMATS,
+    add_correction,
+    apply_corrections,
+    encode_pairs,
+    load_corrections,
+    override_scores,
+    pairs_rho,
+)
+from alignment.pairs import group_by_prompt, select_pair
+from alignment.store import DATA_FILE, RunStore, StoreError
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "review_templates"
+CORE_STAGES = ("prompts", "generate", "judge", "pairs", "train")
+FILTERS = {
+    "all": "all prompts",
+    "ties": "ties (no pair)",
+    "high_variance": "high judgment variance",
+    "failed": "failed judgments",
+    "chosen_longer": "chosen longer than rejected",
+    "rejected_longer": "rejected longer than chosen",
+    "corrected": "with corrections",
+    "excluded": "excluded pairs",
+}
+SORTS = {
+    "order": "dataset order",
+    "variance": "variance, highest first",
+    "gap": "chosen−rejected score gap, smallest first",
+    "length_diff": "chosen−rejected length, largest first",
+    "length_diff_asc": "chosen−rejected length, smallest first",
+    "failed": "failed judgments, most first",
+}
+PER_PAGE = (10, 25, 50, 100)
+HIGH_VARIANCE = 1.0
+HIST_BINS = [b / 2 for b in range(11)]  # 0, 0.5, ..., 5 (scores rounded to the nearest half)
+_RETURN_TO_RE = re.compile(r"^/iter/\d+(/prompt)?(\?[\w\-.~%&=+]*)?$")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+LIGHT_COLUMNS = ("prompt_id", "response_index", "length", "scores", "mean_score", "n_failed")
+
+
+class JudgeTable:
+    """A judge stage kept as Arrow; Python rows are made only for the prompts a page shows.
+
+    ``light`` holds every row's small columns (scores, lengths), which is all that filters,
+    sorts and the overview need.
+    """
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.light = table.select(LIGHT_COLUMNS).to_pylist()
+        self.positions: dict[str, list[int]] = {}
+        for i, row in enumerate(self.light):
+            self.positions.setdefault(row["prompt_id"], []).append(i)
+        self._score_statistics()
+
+    def _score_statistics(self) -> None:
+        """Per-row variance and the score histogram, vectorised (40,000 rows in Python: ~0.5 s).
+
+        var = Σ s² / n − mean² over a row's non-None scores (None when n < 2); the histogram
+        bins scores rounded to the nearest half (``HIST_BINS``).
+        """
+        scores = self.table["scores"].combine_chunks()
+        values = pc.list_flatten(scores).to_numpy(zero_copy_only=False).astype(float)
+        parents = pc.list_parent_indices(scores).to_numpy(zero_copy_only=False)
+        valid = ~np.isnan(values)
+        values, parents = values[valid], parents[valid]
+        n = np.bincount(parents, minlength=len(self.light))
+        total = np.bincount(parents, weights=values, minlength=len(self.light))
+        squares = np.bincount(parents, weights=values * values, minlength=len(self.light))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            variance = np.maximum(squares / n - (total / n) ** 2, 0.0)
+        for row, count, var in zip(self.light, n.tolist(), variance.tolist()):
+            row["variance"] = var if count >= 2 else None
+        self.histogram = np.bincount(np.clip(np.rint(values * 2), 0, len(HIST_BINS) - 1).astype(int),
+                                     minlength=len(HIST_BINS)).tolist()
+        self.score_sum, self.score_count = float(values.sum()), int(valid.sum())
+
+    def rows(self, prompt_ids) -> list[dict]:
+        """Full rows (all columns) of ``prompt_ids``, in table order."""
+        positions = sorted(i for pid in prompt_ids for i in self.positions.get(pid, []))
+        return self.table.take(positions).to_pylist() if positions else []
+
+    def search(self, needle: str) -> set[str]:
+        """prompt_ids whose prompt or any response contains ``needle`` (case-insensitive)."""
+        mask = pc.or_(pc.match_substring(self.table["prompt"], needle, ignore_case=True),
+                      pc.match_substring(self.table["response"], needle, ignore_case=True))
+        return set(self.table["prompt_id"].filter(pc.fill_null(mask, False)).to_pylist())
+
+
+@dataclass
+class IterationState:
+    """One iteration's judge data with the corrections applied, ready for pages."""
+
+    t: int
+    rho: float
+    has_pairs: bool
+    judge: JudgeTable
+    light: dict[str, list[dict]]  # prompt_id -> small judge rows, score overrides applied
+    pairs: dict[str, dict]  # prompt_id -> effective pair (after corrections), training order
+    overridden: dict[tuple[str, int, int], float]  # (prompt_id, response_index, judgment_index) -> original
+    corrections: dict[str, list[dict]]  # prompt_id -> corrections, append order
+    applied: set[str]
+    summaries: list[dict] = field(default_factory=list)  # one per prompt, dataset order
+    stats: dict = field(default_factory=dict)
+
+
+class RunData:
+    """Cached, read-only access to a run's complete stage tables."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+        self._tables: dict[tuple[int, str, str], tuple[str, object]] = {}
+        self._states: dict[int, tuple[tuple, IterationState]] = {}
+        self._lock = threading.Lock()
+
+    def complete_stages(self, t: int) -> list[str]:
+        return [s["stage"] for s in self.store.status() if s["iteration"] == t and s["state"] == "done"]
+
+    def table_hash(self, t: int, stage: str) -> str | None:
+        """The output hash of a complete table stage, None if incomplete or not a table."""
+        manifest = self.store.manifest(t, stage)
+        if manifest is None or DATA_FILE not in (manifest.get("outputs") or {}):
+            return None
+        return manifest.get("output_hash") or json.dumps(manifest.get("outputs"), sort_keys=True)
+
+    def _cached(self, t: int, stage: str, kind: str, load):
+        digest = self.table_hash(t, stage)
+        if digest is None:
+            return None
+        cached = self._tables.get((t, stage, kind))
+        if cached is None or cached[0] != digest:
+            cached = (digest, load())
+            self._tables[(t, stage, kind)] = cached
+        return cached[1]
+
+    def rows(self, t: int, stage: str) -> list[dict] | None:
+        """A complete stage's rows (cached per output hash), None if the stage is incomplete."""
+        return self._cached(t, stage, "rows", lambda: self.store.read_rows(t, stage))
+
+    def judge(self, t: int) -> JudgeTable | None:
+        """The judge stage as a :class:`JudgeTable` (cached), None if incomplete."""
+        return self._cached(t, "judge", "arrow", lambda: JudgeTable(self.store.read_table(t, "judge")))
+
+    def state(self, t: int) -> IterationState | None:
+        """The iteration's state (cached per tables and corrections), None without a complete judge stage."""
+        with self._lock:  # one build at a time; concurrent requests wait for the cache
+            judge_hash = self.table_hash(t, "judge")
+            if judge_hash is None:
+                return None
+            corrections = load_corrections(self.store, t)
+            key = (judge_hash, self.table_hash(t, "pairs"), len(corrections),
+                   corrections[-1].get("id") if corrections else None)
+            cached = self._states.get(t)
+            if cached is None or cached[0] != key:
+                state = build_state(t, self.judge(t), self.rows(t, "pairs"), corrections,
+                                    pairs_rho(self.store, t))
+                cached = (key, state)
+                self._states[t] = cached
+            return cached[1]
+
+    def warm(self) -> None:
+        """Load every iteration's tables into the cache (serve() runs this in a thread at start)."""
+        for t in self.store.iterations():
+            self.state(t)
+
+
+def build_state(t: int, judge: JudgeTable, pair_rows: list[dict] | None,
+                corrections: list[dict], rho: float) -> IterationState:
+    """Apply ``corrections`` and summarise every prompt (no I/O)."""
+    overrides = [c for c in corrections if c.get("action") == "override_score"]
+    light, touched, _ = override_scores(judge.light, overrides)
+    overridden = {}
+    for before, after in zip(judge.light, light):
+        if before is not after:
+            after["variance"] = score_variance(after["scores"])
+            for j, (a, b) in enumerate(zip(before["scores"], after["scores"])):
+                if a != b:
+                    overridden[(before["prompt_id"], int(before["response_index"]), j)] = a
+    applied: list[str] = []
+    pairs: dict[str, dict] = {}
+    if pair_rows is not None:
+        # Only the overridden prompts need their full rows (texts) to rebuild their pairs.
+        effective, applied = apply_corrections(judge.rows(touched), pair_rows, corrections, rho)
+        pairs = {p["prompt_id"]: p for p in effective}
+    by_prompt_corr: dict[str, list[dict]] = {}
+    for c in corrections:
+        by_prompt_corr.setdefault(c.get("prompt_id"), []).append(c)
+    state = IterationState(t=t, rho=rho, has_pairs=pair_rows is not None, judge=judge,
+                           light=group_by_prompt(light), pairs=pairs, overridden=overridden,
+                           corrections=by_prompt_corr, applied=set(applied))
+    state.summaries = [summarize(pid, rows, state) for pid, rows in state.light.items()]
+    state.stats = iteration_stats(state, pair_rows)
+    return state
+
+
+def score_variance(scores: list) -> float | None:
+    """Population variance of a response's non-None judgment scores (None if fewer than 2).
+
+    var = Σ (s − mean)² / n. Plain floats: ``statistics.pvariance`` is exact (Fractions) and
+    ~50× slower, which matters over 40,000 responses.
+    """
+    valid = [float(s) for s in scores if s is not None]
+    if len(valid) < 2:
+        return None
+    mean = sum(valid) / len(valid)
+    return sum((s - mean) ** 2 for s in valid) / len(valid)
+
+
+def summarize(prompt_id: str, rows: list[dict], state: IterationState) -> dict:
+    """What the filters and sorts of the browser need about one prompt."""
+    pair = state.pairs.get(prompt_id)
+    corrections = state.corrections.get(prompt_id, [])
+    excluded = any(c["action"] == "exclude_pair" for c in corrections)
+    swapped = sum(c["action"] == "swap" for c in corrections) % 2 == 1
+    variances = [r["variance"] for r in rows if r["variance"] is not None]
+    scored = [r for r in rows if r["mean_score"] is not None]
+    if pair is not None:
+        status = "pair"
+    elif len(scored) < 2:
+        status = "unscored"
+    elif select_pair(scored, state.rho) is None:
+        status = "tie"
+    elif excluded:
+        status = "excluded"
+    else:
+        status = "pending" if not state.has_pairs else "no pair"
+    return {
+        "prompt_id": prompt_id,
+        "status": status,
+        "excluded": excluded,
+        "swapped": swapped and pair is not None,
+        "max_var": max(variances) if variances else None,
+        "n_failed": sum(int(r["n_failed"]) for r in rows),
+        "length_diff": pair["chosen_length"] - pair["rejected_length"] if pair else None,
+        "gap": pair["chosen_score"] - pair["rejected_score"] if pair else None,
+        "n_corrections": len(corrections),
+    }
+
+
+def iteration_stats(state: IterationState, stored_pairs: list[dict] | None) -> dict:
+    """Counts and chart data for the overview."""
+    rows = [r for rs in state.light.values() for r in rs]
+    # The table's score statistics, moved by the overridden scores.
+    hist = list(state.judge.histogram)
+    total, count = state.judge.score_sum, state.judge.score_count
+    for (pid, ri, j), old in state.overridden.items():
+        new = next(r for r in state.light[pid] if int(r["response_index"]) == ri)["scores"][j]
+        for score, sign in ((old, -1), (new, 1)):
+            if score is not None:
+                hist[_bin(score)] += sign
+                total += sign * float(score)
+                count += sign
+    pairs = list(state.pairs.values())
+    statuses = [s["status"] for s in state.summaries]
+    return {
+        "prompts": len(state.summaries),
+        "responses": len(rows),
+        "judgments": sum(len(r["scores"]) for r in rows),
+        "failed": sum(int(r["n_failed"]) for r in rows),
+        "pairs": len(pairs) if state.has_pairs else None,
+        "stored_pairs": len(stored_pairs) if stored_pairs is not None else None,
+        "ties": statuses.count("tie"),
+        "unscored": statuses.count("unscored"),
+        "corrections": sum(len(c) for c in state.corrections.values()),
+        "applied": len(state.applied),
+        "histogram": hist,
+        "chosen_length": _mean([p["chosen_length"] for p in pairs]),
+        "rejected_length": _mean([p["rejected_length"] for p in pairs]),
+        "mean_score": total / count if count else None,
+    }
+
+
+def _bin(score: float) -> int:
+    return int(min(len(HIST_BINS) - 1, max(0, round(float(score) * 2))))
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------- filtering
+
+
+@dataclass
+class Query:
+    show: str = "all"
+    q: str = ""
+    sort: str = "order"
+    page: int = 1
+    per_page: int = 25
+
+    def params(self, **changes) -> str:
+        values = {"show": self.show, "q": self.q, "sort": self.sort, "page": self.page,
+                  "per_page": self.per_page, **changes}
+        defaults = Query()
+        return urlencode({k: v for k, v in values.items() if v != getattr(defaults, k)})
+
+
+def parse_query(params) -> Query:
+    """A validated Query from request parameters; ValueError with a message otherwise."""
+    query = Query(show=params.get("show", "all"), q=params.get("q", "").strip()[:200],
+                  sort=params.get("sort", "order"))
+    if query.show not in FILTERS:
+        raise ValueError(f"unknown filter {query.show!r}; use one of {', '.join(FILTERS)}")
+    if query.sort not in SORTS:
+        raise ValueError(f"unknown sort {query.sort!r}; use one of {', '.join(SORTS)}")
+    query.page = _positive_int(params.get("page", "1"), "page")
+    query.per_page = _positive_int(params.get("per_page", "25"), "per_page")
+    if query.per_page not in PER_PAGE:
+        raise ValueError(f"per_page must be one of {', '.join(map(str, PER_PAGE))}")
+    return query
+
+
+def _positive_int(value: str, name: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _matches(s: dict, show: str) -> bool:
+    if show == "ties":
+        return s["status"] == "tie"
+    if show == "high_variance":
+        return s["max_var"] is not None and s["max_var"] >= HIGH_VARIANCE
+    if show == "failed":
+        return s["n_failed"] > 0
+    if show == "chosen_longer":
+        return s["length_diff"] is not None and s["length_diff"] > 0
+    if show == "rejected_longer":
+        return s["length_diff"] is not None and s["length_diff"] < 0
+    if show == "corrected":
+        return s["n_corrections"] > 0
+    if show == "excluded":
+        return s["excluded"]
+    return True
+
+
+_SORT_KEYS = {
+    "variance": lambda s: -s["max_var"] if s["max_var"] is not None else None,
+    "gap": lambda s: s["gap"],
+    "length_diff": lambda s: -s["length_diff"] if s["length_diff"] is not None else None,
+    "length_diff_asc": lambda s: s["length_diff"],
+    "failed": lambda s: -s["n_failed"],
+}
+
+
+def select(summaries: list[dict], query: Query, found: set[str] | None = None) -> list[dict]:
+    """The summaries matching ``query``, sorted (prompts without a sort value last).
+
+    ``found``: the prompt_ids whose text matches ``query.q`` (see :meth:`JudgeTable.search`).
+    """
+    out = [s for s in summaries if _matches(s, query.show)]
+    if query.q:
+        needle = query.q.lower()
+        out = [s for s in out if s["prompt_id"] in (found or ()) or needle in s["prompt_id"].lower()]
+    key = _SORT_KEYS.get(query.sort)
+    if key is not None:
+        out.sort(key=lambda s: (key(s) is None, key(s) or 0))
+    return out
+
+
+# ---------------------------------------------------------------------------- view models
+
+
+def prompt_views(state: IterationState, prompt_ids: list[str]) -> list[dict]:
+    """What each prompt's block shows (responses, judgments, pair, corrections), one table read."""
+    full = group_by_prompt(state.judge.rows(prompt_ids))
+    return [prompt_view(state, pid, full[pid]) for pid in prompt_ids]
+
+
+def prompt_view(state: IterationState, prompt_id: str, rows: list[dict]) -> dict:
+    """One prompt's block from its full judge rows; scores come from the corrected light rows."""
+    corrected = {int(r["response_index"]): r for r in state.light[prompt_id]}
+    pair = state.pairs.get(prompt_id)
+    responses = []
+    for r in sorted(rows, key=lambda r: int(r["response_index"])):
+        ri = int(r["response_index"])
+        scores = corrected[ri]["scores"]
+        modes = r.get("score_modes") or [None] * len(scores)
+        judgments = [
+            {"index": j, "text": text, "score": scores[j], "mode": modes[j],
+             "original": state.overridden.get((prompt_id, ri, j), _NOT_OVERRIDDEN)}
+            for j, text in enumerate(r["judgments"])
+        ]
+        role = None
+        if pair is not None:
+            role = "chosen" if ri == pair["chosen_index"] else "rejected" if ri == pair["rejected_index"] else None
+        responses.append({"index": ri, "text": r["response"], "length": r["length"],
+                          "mean": corrected[ri]["mean_score"], "variance": score_variance(scores),
+                          "n_failed": corrected[ri]["n_failed"], "judgments": judgments, "role": role})
+    return {"prompt_id": prompt_id, "prompt": rows[0]["prompt"], "responses": responses,
+            "pair": pair, "corrections": state.corrections.get(prompt_id, [])}
+
+
+_NOT_OVERRIDDEN = object()
+
+
+def format_value(value) -> str:
+    """A cell of a generic table: numbers rounded, containers as JSON."""
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return "—" if value is None else str(value)
+
+
+def bar_chart(labels: list[str], series: list[tuple[str, list[float | None]]],
+              width: int = 360, height: int = 140) -> dict:
+    """Geometry of a grouped bar chart for the ``bar_chart`` template macro (no JS)."""
+    top = max([v for _, vs in series for v in vs if v is not None] + [1e-9])
+    pad, base = 24, height - 20
+    group = (width - pad) / max(1, len(labels))
+    bar = group * 0.8 / max(1, len(series))
+    bars = []
+    for gi, label in enumerate(labels):
+        for si, (name, values) in enumerate(series):
+            v = values[gi]
+            h = 0 if v is None else (base - 10) * v / top
+            bars.append({"x": pad + gi * group + group * 0.1 + si * bar, "y": base - h, "w": bar - 1,
+                         "h": h, "series": si, "title": f"{name} {label}: {format_value(v)}"})
+    ticks = [{"x": pad + gi * group + group / 2, "label": label} for gi, label in enumerate(labels)]
+    return {"width": width, "height": height, "base": base, "pad": pad, "bars": bars, "ticks": ticks,
+            "top": format_value(float(top)), "legend": [name for name, _ in series]}
+
+
+# ---------------------------------------------------------------------------- app
+
+
+def create_app(run_dir) -> Starlette:
+    """The review app over ``run_dir`` (StoreError if it is not a run)."""
+    store = RunStore.open(run_dir)
+    data = RunData(store)
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    templates.env.autoescape = True  # model text is data, never markup
+    templates.env.trim_blocks = templates.env.lstrip_blocks = True
+    templates.env.filters["fmt"] = format_value
+    templates.env.globals.update(FILTERS=FILTERS, SORTS=SORTS, PER_PAGE=PER_PAGE,
+                                 NOT_OVERRIDDEN=_NOT_OVERRIDDEN, run_name=store.run_info().get("name"))
+
+    def render(request: Request, name: str, context: dict, status: int = 200) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    def iteration_of(request: Request) -> int:
+        t = request.path_params["t"]
+        if t not in store.iterations():
+            raise HTTPException(404, f"iteration {t} does not exist in this run")
+        return t
+
+    def state_of(t: int) -> IterationState:
+        state = data.state(t)
+        if state is None:
+            raise HTTPException(404, f"iteration {t} has no complete judge stage yet (in progress)")
+        return state
+
+    def overview(request: Request) -> Response:
+        status = store.status()
+        iterations = []
+        for t in store.iterations():
+            state = data.state(t)
+            iterations.append({
+                "t": t,
+                "stages": [s for s in status if s["iteration"] == t],
+                "stats": state.stats if state else None,
+                "histogram": bar_chart([f"{b:g}" for b in HIST_BINS], [("judgments", state.stats["histogram"])])
+                if state else None,
+                "manifests": {s["stage"]: store.manifest(t, s["stage"]) for s in status
+                              if s["iteration"] == t and s["state"] == "done"},
+                "metrics": store.read_json(t, "metrics.json"),
+            })
+        with_stats = [i for i in iterations if i["stats"]]
+        lengths = bar_chart([f"iter {i['t']}" for i in with_stats],
+                            [("chosen", [i["stats"]["chosen_length"] for i in with_stats]),
+                             ("rejected", [i["stats"]["rejected_length"] for i in with_stats])]) if with_stats else None
+        return render(request, "overview.html", {"iterations": iterations, "lengths": lengths,
+                                                 "run": store.run_info()})
+
+    def browser_page(request: Request, t: int, error: str | None = None, status: int = 200) -> Response:
+        state = state_of(t)
+        try:
+            query = parse_query(request.query_params)
+        except ValueError as e:
+            query, error, status = Query(), str(e), 400
+        matched = select(state.summaries, query, state.judge.search(query.q) if query.q else None)
+        pages = max(1, math.ceil(len(matched) / query.per_page))
+        page = min(query.page, pages)
+        shown = matched[(page - 1) * query.per_page: page * query.per_page]
+        extra = extra_stages(t)
+        return render(request, "iteration.html", {
+            "t": t, "state": state, "query": query, "matched": len(matched), "page": page, "pages": pages,
+            "items": list(zip(shown, prompt_views(state, [s["prompt_id"] for s in shown]))),
+            "extra": extra, "error": error, "return_to": str(request.url.path) + (
+                "?" + request.url.query if request.url.query else ""),
+            "who": request.cookies.get("reviewer", ""),
+        }, status)
+
+    def iteration(request: Request) -> Response:
+        return browser_page(request, iteration_of(request))
+
+    def extra_stages(t: int) -> list[str]:
+        return [s for s in data.complete_stages(t) if s not in CORE_STAGES and data.table_hash(t, s)]
+
+    def prompt_page(request: Request, t: int, prompt_id: str, error: str | None = None,
+                    status: int = 200, form: dict | None = None) -> Response:
+        state = state_of(t)
+        if prompt_id not in state.light:
+            raise HTTPException(404, f"prompt {prompt_id!r} is not in iteration {t}")
+        extra = {s: [r for r in data.rows(t, s) if r.get("prompt_id") == prompt_id] for s in extra_stages(t)}
+        summary = next(s for s in state.summaries if s["prompt_id"] == prompt_id)
+        return render(request, "prompt.html", {
+            "t": t, "state": state, "view": prompt_views(state, [prompt_id])[0], "summary": summary,
+            "extra": {s: rows for s, rows in extra.items() if rows}, "error": error, "form": form or {},
+            "return_to": f"/iter/{t}/prompt?" + urlencode({"id": prompt_id}),
+            "who": request.cookies.get("reviewer", ""),
+        }, status)
+
+    def prompt(request: Request) -> Response:
+        return prompt_page(request, iteration_of(request), request.query_params.get("id", ""))
+
+    async def correct(request: Request) -> Response:
+        t = iteration_of(request)
+        state = state_of(t)
+        _check_same_origin(request)
+        form = dict(await request.form())
+        record = {k: v for k, v in form.items() if k in
+                  ("action", "prompt_id", "response_index", "judgment_index", "value", "note", "who") and v != ""}
+        record["iteration"] = t
+        try:
+            clean = add_correction(store, record, judge_rows=data.rows(t, "judge"))
+        except ValueError as e:
+            prompt_id = form.get("prompt_id", "")
+            if prompt_id in state.light:
+                return prompt_page(request, t, prompt_id, error=str(e), status=400, form=form)
+            return browser_page(request, t, error=str(e), status=400)
+        return_to = form.get("return_to", "")
+        if not _RETURN_TO_RE.match(return_to) or not return_to.startswith(f"/iter/{t}"):
+            return_to = f"/iter/{t}/prompt?" + urlencode({"id": clean["prompt_id"]})
+        response = RedirectResponse(return_to, status_code=303)
+        response.set_cookie("reviewer", clean["who"], samesite="strict", httponly=True)
+        return response
+
+    def corrections_page(request: Request) -> Response:
+        t = iteration_of(request)
+        state = data.state(t)
+        return render(request, "corrections.html", {
+            "t": t, "corrections": load_corrections(store, t), "applied": state.applied if state else set()})
+
+    def export(request: Request) -> Response:
+        t = iteration_of(request)
+        fmt = request.query_params.get("format", "jsonl")
+        if fmt not in EXPORT_FORMATS:
+            raise HTTPException(400, f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        state = state_of(t)
+        if not state.has_pairs:
+            raise HTTPException(404, f"iteration {t} has no complete pairs stage yet")
+        # state.pairs is apply_corrections' output, as in reviewed_pairs (what training gets).
+        body = encode_pairs(list(state.pairs.values()), fmt)
+        media = "application/x-ndjson" if fmt == "jsonl" else "application/vnd.apache.parquet"
+        return Response(body, media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="pairs_iter_{t}_reviewed.{fmt}"'})
+
+    def stage(request: Request) -> Response:
+        t = iteration_of(request)
+        name = request.path_params["stage"]
+        if name not in data.complete_stages(t) or data.table_hash(t, name) is None:
+            raise HTTPException(404, f"iteration {t} has no complete table stage {name!r}")
+        rows = data.rows(t, name)
+        try:
+            query = parse_query(request.query_params)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        pages = max(1, math.ceil(len(rows) / query.per_page))
+        page = min(query.page, pages)
+        shown = rows[(page - 1) * query.per_page: page * query.per_page]
+        columns = list(dict.fromkeys(k for r in shown for k in r))
+        return render(request, "stage.html", {"t": t, "stage": name, "rows": shown, "columns": columns,
+                                              "total": len(rows), "page": page, "pages": pages, "query": query})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "run": str(store.root), "iterations": store.iterations()})
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return render(request, "error.html", {"status": exc.status_code, "message": exc.detail}, exc.status_code)
+
+    async def store_error(request: Request, exc: StoreError) -> Response:
+        return render(request, "error.html", {"status": 500, "message": str(exc)}, 500)
+
+    routes = [
+        Route("/", overview),
+        Route("/healthz", healthz),
+        Route("/iter/{t:int}", iteration),
+        Route("/iter/{t:int}/prompt", prompt),
+        Route("/iter/{t:int}/corrections", corrections_page, methods=["GET"]),
+        Route("/iter/{t:int}/corrections", correct, methods=["POST"]),
+        Route("/iter/{t:int}/export", export),
+        Route("/iter/{t:int}/stage/{stage}", stage),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, StoreError: store_error})
+    app.state.data = data
+    return app
+
+
+def _check_same_origin(request: Request) -> None:
+    """Refuse cross-site form posts (CSRF from another tab): Origin, when sent, must be us."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host"):
+        raise HTTPException(403, "cross-origin form posts are refused")
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve the review app on ``host:port`` until interrupted (localhost unless told otherwise)."""
+    import uvicorn
+
+    app = create_app(run_dir)
+    # Read the tables while the browser opens, so the first page does not wait for them.
+    threading.Thread(target=app.state.data.warm, name="review-warm", daemon=True).start()
+    print(f"selfalign review: http://{host}:{port}/  (run {app.state.data.store.root}; Ctrl-C to stop)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,117 @@
+"""The review app in a real browser: headless Debian chromium driven by Playwright.
+
+Filters to ties, overrides a judgment's score on a tied prompt, then checks that the
+correction was appended to corrections.jsonl and that the pairs the training stage reads
+(``reviewed_pairs``) now contain the new pair. Screenshots go to ``test-artifacts/``.
+
+Needs ``/usr/bin/chromium`` (``apt-get install chromium``) and the ``playwright`` Python
+package; Playwright's own browser download is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from alignment.corrections import CORRECTIONS_FILE, reviewed_pairs
+from alignment.pairs import build_pairs
+from alignment.review_app import create_app
+from alignment.store import RunStore
+from tests.unit.test_review_app import judge_rows
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+uvicorn = pytest.importorskip("uvicorn")
+
+
+@pytest.fixture()
+def run(tmp_path):
+    store = RunStore.create(tmp_path / "run", recipe={"algorithm": "self_rewarding"}, algorithm="self_rewarding")
+    rows = judge_rows()
+    store.write_rows(1, "judge", rows, inputs={}, recipe_hash="x")
+    pairs, stats = build_pairs(rows)
+    store.write_rows(1, "pairs", pairs, inputs={}, recipe_hash="x", info=stats)
+    return store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(run):
+    """The review app served by uvicorn on a free localhost port, in a thread."""
+    port = free_port()
+    config = uvicorn.Config(create_app(run.root), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the review server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture()
+def page():
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 900})
+        finally:
+            browser.close()
+
+
+def test_filter_ties_and_correct_in_browser(server, page, run):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(f"{server}/iter/1")
+    assert page.locator(".card.prompt").count() == 3
+
+    page.select_option("select[name=show]", "ties")
+    page.click("button:has-text('apply')")
+    page.wait_for_url("**show=ties**")
+    cards = page.locator(".card.prompt")
+    assert cards.count() == 1 and cards.first.get_attribute("data-prompt-id") == "p-tie"
+
+    cards.first.locator("a.review-link").click()
+    page.wait_for_url("**/prompt?id=p-tie")
+    page.fill("[aria-label='override score of response 1 judgment 0']", "5")
+    page.locator("form.override", has=page.locator("[aria-label='override score of response 1 judgment 0']")) \
+        .locator("button").click()
+    page.wait_for_load_state()
+    assert page.locator(".resp.chosen").get_attribute("data-response") == "1"  # the tie became a pair
+    page.screenshot(path=str(ARTIFACTS / "review-prompt.png"), full_page=True)
+
+    records = [json.loads(line) for line in (run.root / CORRECTIONS_FILE).read_text().splitlines()]
+    assert len(records) == 1
+    assert {k: records[0][k] for k in ("iteration", "action", "prompt_id", "response_index", "judgment_index",
+                                       "value")} == {"iteration": 1, "action": "override_score", "prompt_id": "p-tie",
+                                                     "response_index": 1, "judgment_index": 0, "value": 5.0}
+    # What the next training stage gets: the corrected pairs, with the correction's id.
+    pairs, applied = reviewed_pairs(run, 1)
+    tie_pair = next(p for p in pairs if p["prompt_id"] == "p-tie")
+    assert (tie_pair["chosen_index"], tie_pair["rejected_index"]) == (1, 0)
+    assert applied == [records[0]["id"]]
+
+    page.goto(f"{server}/iter/1")
+    assert "<script>" not in page.locator("[data-prompt-id='p-xss'] .resp").first.inner_html()
+    assert page.locator("[data-prompt-id='p-xss'] .resp .text").first.inner_text() == "<script>alert('x')</script>"
+    page.screenshot(path=str(ARTIFACTS / "review.png"), full_page=True)

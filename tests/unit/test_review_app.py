@@ -1,0 +1,370 @@
+"""Review app and corrections: pages, correction forms, escaping, export, apply_corrections."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from starlette.testclient import TestClient
+
+from alignment.corrections import (
+    CORRECTIONS_FILE,
+    add_correction,
+    apply_corrections,
+    export_pairs,
+    load_corrections,
+    reviewed_pairs,
+    validate_correction,
+)
+from alignment.pairs import build_pairs
+from alignment.review_app import create_app
+from alignment.store import RunStore, StoreError
+
+SCRIPT = "<script>alert('x')</script>"
+
+
+def judge_row(prompt_id: str, index: int, scores: list, length: int, response: str | None = None) -> dict:
+    valid = [s for s in scores if s is not None]
+    return {
+        "prompt_id": prompt_id,
+        "prompt": f"Question {prompt_id}?",
+        "response_index": index,
+        "response": response or f"answer {index} to {prompt_id}",
+        "length": length,
+        "judgments": [f"rationale {j} for {prompt_id}/{index}\nScore: {s}" for j, s in enumerate(scores)],
+        "scores": scores,
+        "score_ints": [None if s is None else int(s) for s in scores],
+        "expected_scores": [None] * len(scores),
+        "score_modes": ["parsed"] * len(scores),
+        "mean_score": sum(valid) / len(valid) if valid else None,
+        "n_failed": len(scores) - len(valid),
+    }
+
+
+def judge_rows() -> list[dict]:
+    return [
+        # p-pair: r0 best (4), r1 worst (1) -> chosen 0, rejected 1
+        judge_row("p-pair", 0, [4.0, 4.0, 4.0], 30),
+        judge_row("p-pair", 1, [1.0, 1.0, 1.0], 80),
+        judge_row("p-pair", 2, [3.0, 3.0, 3.0], 50),
+        # p-tie: every response scores 3 -> no pair
+        judge_row("p-tie", 0, [3.0, 3.0, 3.0], 20),
+        judge_row("p-tie", 1, [3.0, 3.0, 3.0], 40),
+        # p-xss: a failed judgment and a response that is an HTML script
+        judge_row("p-xss", 0, [5.0, None, 5.0], 10, response=SCRIPT),
+        judge_row("p-xss", 1, [0.0, 5.0, 1.0], 90),
+    ]
+
+
+@pytest.fixture()
+def run(tmp_path):
+    store = RunStore.create(tmp_path / "run", recipe={"algorithm": "self_rewarding", "pairs": {"rho": 0.0}},
+                            algorithm="self_rewarding")
+    rows = judge_rows()
+    store.write_rows(1, "judge", rows, inputs={}, recipe_hash="x")
+    pairs, stats = build_pairs(rows)
+    store.write_rows(1, "pairs", pairs, inputs={}, recipe_hash="x", info=stats)
+    store.write_rows(1, "meta_judge", [{"prompt_id": "p-xss", "battles": [{"a": 0, "b": 1, "verdict": "A"}],
+                                        "ratings": [1040.0, 960.0]}], inputs={}, recipe_hash="x")
+    # Iteration 2 is being judged: only a shard, no manifest.
+    store.write_shard(2, "judge", 0, rows[:2], key="abc")
+    store.write_rows(2, "prompts", [{"prompt_id": "q", "prompt": "Q", "source": "seed"}],
+                     inputs={}, recipe_hash="x")
+    return store
+
+
+@pytest.fixture()
+def client(run):
+    return TestClient(create_app(run.root))
+
+
+def post(client, action, prompt_id, t=1, **fields):
+    data = {"action": action, "prompt_id": prompt_id, "who": "tester", **{k: str(v) for k, v in fields.items()}}
+    return client.post(f"/iter/{t}/corrections", data=data, follow_redirects=False)
+
+
+# ---------------------------------------------------------------------------- pages
+
+
+def test_every_page_renders(client):
+    for url in ["/", "/healthz", "/iter/1", "/iter/1?show=ties", "/iter/1/prompt?id=p-pair",
+                "/iter/1/corrections", "/iter/1/stage/meta_judge", "/iter/1/export?format=jsonl",
+                "/iter/1/export?format=parquet"]:
+        response = client.get(url)
+        assert response.status_code == 200, (url, response.text[:500])
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_overview_shows_counts_charts_and_in_progress_stage(client):
+    page = client.get("/").text
+    assert "<svg" in page and "Judgment scores" in page
+    assert "in progress" in page  # iteration 2's judge has only a shard
+    assert "Chosen vs rejected mean length" in page
+
+
+def test_browser_rows_and_highlighting(client):
+    page = client.get("/iter/1").text
+    assert "3 of 3 prompts" in page
+    assert 'class="resp chosen"' in page and 'class="resp rejected"' in page
+    assert "rationale 1 for p-pair/0" in page  # each judgment's rationale is there
+
+
+@pytest.mark.parametrize("show, expected", [
+    ("ties", {"p-tie"}),
+    ("failed", {"p-xss"}),
+    ("high_variance", {"p-xss"}),
+    ("rejected_longer", {"p-pair", "p-xss"}),
+    ("chosen_longer", set()),
+])
+def test_filters(client, show, expected):
+    page = client.get(f"/iter/1?show={show}").text
+    shown = {pid for pid in ("p-pair", "p-tie", "p-xss") if f'data-prompt-id="{pid}"' in page}
+    assert shown == expected
+
+
+def test_search_sort_and_pagination(client):
+    page = client.get("/iter/1?q=ANSWER+1+TO+P-TIE").text
+    assert 'data-prompt-id="p-tie"' in page and 'data-prompt-id="p-pair"' not in page
+    page = client.get("/iter/1?sort=variance&per_page=10").text
+    assert page.index('data-prompt-id="p-xss"') < page.index('data-prompt-id="p-pair"')
+    assert client.get("/iter/1?page=99").status_code == 200  # clamped to the last page
+
+
+def test_bad_query_parameters_are_400(client):
+    for url in ["/iter/1?show=nope", "/iter/1?sort=__class__", "/iter/1?page=-1", "/iter/1?per_page=100000"]:
+        response = client.get(url)
+        assert response.status_code == 400, url
+        assert 'class="error"' in response.text
+
+
+def test_incomplete_stage_not_shown(client):
+    response = client.get("/iter/2")
+    assert response.status_code == 404 and "in progress" in response.text
+    assert client.get("/iter/2/stage/judge").status_code == 404
+    assert client.get("/iter/1/stage/nothing").status_code == 404
+    assert client.get("/iter/7").status_code == 404
+
+
+def test_model_text_is_escaped(client):
+    page = client.get("/iter/1/prompt?id=p-xss").text
+    assert SCRIPT not in page
+    assert "&lt;script&gt;" in page
+    assert SCRIPT not in client.get("/iter/1").text
+
+
+def test_meta_judge_rows_shown_generically(client):
+    assert "1040" in client.get("/iter/1/prompt?id=p-xss").text
+    assert "verdict" in client.get("/iter/1/stage/meta_judge").text
+
+
+def test_not_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="not a selfalign run"):
+        create_app(tmp_path)
+    with pytest.raises(StoreError, match="does not exist"):
+        create_app(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------- corrections via the app
+
+
+def test_each_correction_kind_is_stored(client, run):
+    assert post(client, "exclude_pair", "p-pair").status_code == 303
+    assert post(client, "swap", "p-xss").status_code == 303
+    assert post(client, "override_score", "p-tie", response_index=1, judgment_index=2, value="4.5").status_code == 303
+    assert post(client, "note", "p-tie", note="judge ignores the question").status_code == 303
+    records = load_corrections(run, 1)
+    assert [r["action"] for r in records] == ["exclude_pair", "swap", "override_score", "note"]
+    override = records[2]
+    assert (override["response_index"], override["judgment_index"], override["value"]) == (1, 2, 4.5)
+    assert records[3]["note"] == "judge ignores the question"
+    assert all(r["who"] == "tester" and r["iteration"] == 1 and r["id"] and r["time"] for r in records)
+    # the file is append-only JSON lines
+    lines = (run.root / CORRECTIONS_FILE).read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [r["id"] for r in records]
+
+
+def test_corrections_show_up_in_pages(client):
+    post(client, "override_score", "p-tie", response_index=1, judgment_index=2, value="4.5")
+    page = client.get("/iter/1/prompt?id=p-tie").text
+    assert "override" in page and "<s>3</s>" in page
+    assert 'class="resp chosen"' in page  # the tie became a pair
+    assert "p-tie" not in client.get("/iter/1?show=ties").text.split("<h1>", 1)[1].split("</h1>", 1)[1]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"action": "swap", "prompt_id": "nope"}, "is not in iteration 1"),
+    ({"action": "override_score", "prompt_id": "p-tie", "response_index": "9", "judgment_index": "0",
+      "value": "3"}, "no response_index 9"),
+    ({"action": "override_score", "prompt_id": "p-tie", "response_index": "0", "judgment_index": "3",
+      "value": "3"}, "no judgment_index 3"),
+    ({"action": "override_score", "prompt_id": "p-tie", "response_index": "0", "judgment_index": "0",
+      "value": "7"}, "between 0 and 5"),
+    ({"action": "override_score", "prompt_id": "p-tie", "response_index": "0", "judgment_index": "0",
+      "value": "nan"}, "between 0 and 5"),
+    ({"action": "override_score", "prompt_id": "p-tie", "response_index": "0", "judgment_index": "0",
+      "value": "four"}, "between 0 and 5"),
+    ({"action": "override_score", "prompt_id": "p-tie", "response_index": "x", "judgment_index": "0",
+      "value": "1"}, "must be an integer"),
+    ({"action": "delete_everything", "prompt_id": "p-tie"}, "action must be one of"),
+    ({"action": "note", "prompt_id": "p-tie", "note": "   "}, "needs some text"),
+])
+def test_bad_corrections_rejected_with_message(client, run, fields, message):
+    response = client.post("/iter/1/corrections", data=fields, follow_redirects=False)
+    assert response.status_code == 400
+    assert message in response.text.replace("&#39;", "'")
+    assert load_corrections(run) == []
+
+
+def test_correction_for_unknown_or_incomplete_iteration(client, run):
+    assert post(client, "swap", "p-pair", t=9).status_code == 404
+    assert post(client, "swap", "p-pair", t=2).status_code == 404
+    assert load_corrections(run) == []
+
+
+def test_cross_origin_post_refused(client, run):
+    response = client.post("/iter/1/corrections", data={"action": "swap", "prompt_id": "p-pair"},
+                           headers={"Origin": "http://evil.example"}, follow_redirects=False)
+    assert response.status_code == 403 and load_corrections(run) == []
+
+
+def test_return_to_cannot_leave_the_app(client):
+    response = post(client, "swap", "p-pair", return_to="https://evil.example/")
+    assert response.headers["location"].startswith("/iter/1/prompt?")
+    response = post(client, "swap", "p-pair", return_to="/iter/1?show=ties")
+    assert response.headers["location"] == "/iter/1?show=ties"
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def test_export_applies_corrections_in_trl_format(client, run):
+    post(client, "swap", "p-pair")
+    post(client, "exclude_pair", "p-xss")
+    lines = client.get("/iter/1/export?format=jsonl").text.splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert row == {
+        "prompt": [{"role": "user", "content": "Question p-pair?"}],
+        "chosen": [{"role": "assistant", "content": "answer 1 to p-pair"}],  # swapped
+        "rejected": [{"role": "assistant", "content": "answer 0 to p-pair"}],
+    }
+    table = pq.read_table(io.BytesIO(client.get("/iter/1/export?format=parquet").content))
+    assert table.to_pylist() == [row]
+    assert export_pairs(run, 1, "jsonl").decode().splitlines() == lines
+    assert client.get("/iter/1/export?format=csv").status_code == 400
+
+
+def test_export_equals_what_training_reads(client, run):
+    """The app exports from its cache; it must match reviewed_pairs (re-read from disk)."""
+    post(client, "override_score", "p-pair", response_index=2, judgment_index=0, value="5")
+    post(client, "override_score", "p-pair", response_index=2, judgment_index=1, value="5")
+    post(client, "override_score", "p-tie", response_index=0, judgment_index=0, value="0")
+    post(client, "swap", "p-xss")
+    for fmt in ("jsonl", "parquet"):
+        assert client.get(f"/iter/1/export?format={fmt}").content == export_pairs(run, 1, fmt)
+    prompts = [json.loads(line)["prompt"][0]["content"] for line in export_pairs(run, 1).decode().splitlines()]
+    assert prompts == ["Question p-pair?", "Question p-xss?", "Question p-tie?"]
+
+
+# ---------------------------------------------------------------------------- corrections module
+
+
+def record(action, prompt_id, **kw):
+    return {"id": f"{action}-{prompt_id}-{len(kw)}", "action": action, "prompt_id": prompt_id, **kw}
+
+
+def test_apply_override_changes_the_pair():
+    rows = judge_rows()
+    pairs, _ = build_pairs(rows)
+    # Make response 2 of p-pair the best: its mean becomes (5 + 5 + 5) / 3.
+    corr = [record("override_score", "p-pair", response_index=2, judgment_index=j, value=5.0, id=f"o{j}")
+            for j in range(3)]
+    out, applied = apply_corrections(rows, pairs, corr, rho=0.0)
+    pair = next(p for p in out if p["prompt_id"] == "p-pair")
+    assert (pair["chosen_index"], pair["rejected_index"], pair["chosen_score"]) == (2, 1, 5.0)
+    assert applied == ["o0", "o1", "o2"]
+    assert rows[2]["scores"] == [3.0, 3.0, 3.0]  # inputs untouched
+
+
+def test_apply_override_turns_a_tie_into_a_pair_appended_last():
+    rows = judge_rows()
+    pairs, _ = build_pairs(rows)
+    out, applied = apply_corrections(rows, pairs, [record("override_score", "p-tie", response_index=0,
+                                                          judgment_index=0, value=0.0)], rho=0.0)
+    assert [p["prompt_id"] for p in out] == ["p-pair", "p-xss", "p-tie"]
+    tie = out[2]
+    assert (tie["chosen_index"], tie["rejected_index"]) == (1, 0)
+    assert tie["rejected_score"] == pytest.approx(2.0)
+    assert len(applied) == 1
+
+
+def test_apply_exclude_removes_the_pair():
+    rows = judge_rows()
+    pairs, _ = build_pairs(rows)
+    out, applied = apply_corrections(rows, pairs, [record("exclude_pair", "p-pair"), record("exclude_pair", "p-tie")])
+    assert [p["prompt_id"] for p in out] == ["p-xss"]
+    assert applied == ["exclude_pair-p-pair-0"]  # p-tie had no pair: nothing applied
+
+
+def test_apply_swap_swaps_and_double_swap_cancels():
+    rows = judge_rows()
+    pairs, _ = build_pairs(rows)
+    original = next(p for p in pairs if p["prompt_id"] == "p-pair")
+    out, _ = apply_corrections(rows, pairs, [record("swap", "p-pair")])
+    swapped = next(p for p in out if p["prompt_id"] == "p-pair")
+    for side, other in (("chosen", "rejected"), ("rejected", "chosen")):
+        for suffix in ("", "_index", "_score", "_length"):
+            assert swapped[side + suffix] == original[other + suffix]
+    out, applied = apply_corrections(rows, pairs, [record("swap", "p-pair", id="a"), record("swap", "p-pair", id="b")])
+    assert next(p for p in out if p["prompt_id"] == "p-pair") == original
+    assert applied == ["a", "b"]
+
+
+def test_apply_notes_change_nothing():
+    rows = judge_rows()
+    pairs, _ = build_pairs(rows)
+    assert apply_corrections(rows, pairs, [record("note", "p-pair", note="hm")]) == (pairs, [])
+
+
+def test_validate_fills_fields_and_add_load_roundtrip(run):
+    clean = validate_correction(run, {"action": "swap", "prompt_id": "p-pair", "iteration": "1"})
+    assert clean["iteration"] == 1 and clean["id"] and clean["time"] and clean["who"]
+    stored = add_correction(run, {"action": "note", "prompt_id": "p-tie", "iteration": 1, "note": "x"})
+    assert load_corrections(run, 1) == [stored] and load_corrections(run, 2) == []
+    with pytest.raises(ValueError, match="iteration 5 does not exist"):
+        validate_correction(run, {"action": "swap", "prompt_id": "p-pair", "iteration": 5})
+    with pytest.raises(ValueError, match="no complete judge stage"):
+        validate_correction(run, {"action": "swap", "prompt_id": "q", "iteration": 2})
+
+
+def test_torn_last_line_is_skipped(run):
+    add_correction(run, {"action": "swap", "prompt_id": "p-pair", "iteration": 1})
+    with open(run.root / CORRECTIONS_FILE, "a") as f:
+        f.write('{"action": "swap", "prom')  # a writer killed mid-line
+    assert len(load_corrections(run)) == 1
+    add_correction(run, {"action": "exclude_pair", "prompt_id": "p-pair", "iteration": 1})
+    assert [r["action"] for r in load_corrections(run)] == ["swap", "exclude_pair"]
+
+
+def test_reviewed_pairs_is_what_training_gets(run):
+    add_correction(run, {"action": "exclude_pair", "prompt_id": "p-pair", "iteration": 1})
+    pairs, applied = reviewed_pairs(run, 1)
+    assert [p["prompt_id"] for p in pairs] == ["p-xss"] and len(applied) == 1
+
+
+def test_overview_statistics_follow_overrides(client):
+    data = client.app.state.data
+    before = data.state(1).stats
+    # p-pair 9 judgments, p-tie 6, p-xss 6 of which one failed.
+    assert before["judgments"] == 21 and before["failed"] == 1 and sum(before["histogram"]) == 20
+    assert before["histogram"][6] == 6 + 3  # score 3: p-tie's six and p-pair #2's three
+    p_xss = {r["response_index"]: r for r in data.state(1).light["p-xss"]}
+    assert p_xss[1]["variance"] == pytest.approx(((0 - 2) ** 2 + (5 - 2) ** 2 + (1 - 2) ** 2) / 3)
+    assert p_xss[0]["variance"] == 0.0  # two valid scores, one failed
+    post(client, "override_score", "p-tie", response_index=0, judgment_index=0, value="0.5")
+    after = data.state(1).stats
+    assert after["histogram"][6] == 8 and after["histogram"][1] == 1
+    assert after["mean_score"] == pytest.approx(before["mean_score"] + (0.5 - 3) / 20)
+    assert data.state(1).light["p-tie"][0]["variance"] == pytest.approx(((0.5 - 13 / 6) ** 2 + 2 * (3 - 13 / 6) ** 2) / 3)
