@@ -38,11 +38,19 @@ def run_dpo(spec: DPOSpec, *, launcher: str, spec_path: Path, log=print) -> dict
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail = (tail + [line])[-40:]
-        if line.startswith("[train]"):
-            log(line.removeprefix("[train] "))
-    if proc.wait() != 0:
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-40:]
+            if line.startswith("[train]"):
+                log(line.removeprefix("[train] "))
+        proc.wait()
+    finally:
+        # Ctrl-C or an error in this process: the trainer must not outlive the run's lock
+        # (a resume could then start while it still writes checkpoints). Its checkpoints stay.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
         raise TrainingError(f"training exited with code {proc.returncode}; last output:\n" + "\n".join(tail))
     return json.loads(Path(spec.output_dir, "train_metrics.json").read_text())

@@ -23,9 +23,14 @@ def stage_outcome(store: RunStore, t: int, stage: str, inputs: dict, recipe_hash
     if ok:
         log(f"iter {t} {stage}: complete, skipped")
         store.log_event("skip", t=t, stage=stage)
+        # A kill between the manifest (commit) and the cleanup after it leaves shards/,
+        # checkpoints or temp files behind; the stage is complete, so they go now.
+        store._cleanup_stage(store.stage_dir(t, stage))
         return store.output_hash(t, stage)
     if reason != "not started" and not reason.startswith("partial"):
+        # Corrupted/missing output, or changed inputs: say so, in the log and in events.jsonl.
         log(f"iter {t} {stage}: redoing ({reason})")
+        store.log_event("redo", t=t, stage=stage, reason=reason)
     elif reason.startswith("partial"):
         log(f"iter {t} {stage}: resuming ({reason})")
     return None
@@ -53,7 +58,7 @@ def run_table_stage(
         out = store.write_rows(t, stage, rows, inputs=inputs, recipe_hash=recipe_hash,
                                info=info | {"seconds": round(time.monotonic() - started, 2)})
     except BaseException as err:
-        store.log_event("error", t=t, stage=stage, message=f"{type(err).__name__}: {err}")
+        store.log_event("error", t=t, stage=stage, message=error_message(err))
         raise
     store.log_event("done", t=t, stage=stage, rows=len(rows))
     crash_point(f"iter{t}/{stage}/after_commit")
@@ -80,6 +85,9 @@ def run_sharded(
     """
     chunks = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     done = store.read_shards(t, stage, key=key)
+    done = {i: rows for i, rows in done.items() if i < len(chunks)}
+    # The plan, for `selfalign status` ("partial, 2/5 shards").
+    store.log_event("shards", t=t, stage=stage, total=len(chunks), done=len(done))
     if done:
         log(f"iter {t} {stage}: {len(done)}/{len(chunks)} shards already done")
     rows: list[dict] = []
@@ -98,3 +106,60 @@ def run_sharded(
 
 def shard_key(*parts: object) -> str:
     return hash_obj(parts)
+
+
+def error_message(err: BaseException) -> str:
+    """One line for events.jsonl / `selfalign status`."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C / SIGINT)"
+    return f"{type(err).__name__}: {err}"
+
+
+# --------------------------------------------------------------------------- status helpers
+# `selfalign status` on a killed run: SIGKILL leaves no error event, so a stage whose last
+# event is "start" while no live process holds the lock was interrupted mid-way.
+
+_TERMINAL = ("done", "skip", "error")
+
+
+def lock_state(store: RunStore) -> dict | None:
+    """The lock file's holder plus ``live``: True/False on this host, None if on another host."""
+    import json
+    import socket
+
+    from alignment.store import LOCK_FILE, _pid_alive
+
+    path = store.root / LOCK_FILE
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict):
+        holder = {}
+    live = None
+    if holder.get("host") == socket.gethostname():
+        try:
+            live = _pid_alive(int(holder.get("pid", 0)))
+        except (TypeError, ValueError):
+            live = False
+    return holder | {"live": live}
+
+
+def interrupted_stages(store: RunStore, events: list[dict] | None = None) -> dict[tuple[int, str], dict]:
+    """(iteration, stage) -> the "start" event of stages that started and never finished or failed."""
+    events = store.events() if events is None else events
+    last: dict[tuple[int, str], dict] = {}
+    for e in events:
+        key = (e.get("iteration"), e.get("stage"))
+        if isinstance(key[0], int) and isinstance(key[1], str) and e.get("event") in ("start",) + _TERMINAL:
+            last[key] = e
+    return {k: e for k, e in last.items() if e.get("event") == "start"}
+
+
+def shard_totals(store: RunStore, events: list[dict] | None = None) -> dict[tuple[int, str], int]:
+    """(iteration, stage) -> the number of shards the stage was planned in (latest plan)."""
+    events = store.events() if events is None else events
+    return {(e.get("iteration"), e.get("stage")): e.get("total") for e in events
+            if e.get("event") == "shards" and isinstance(e.get("total"), int)}

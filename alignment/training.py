@@ -63,11 +63,88 @@ def _read_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _complete_checkpoint(c: Path) -> bool:
+    """Trainer writes trainer_state.json last (not atomically): complete = it parses and the
+    weights and RNG state are beside it. A kill mid-save leaves a dir that fails this."""
+    try:
+        state = json.loads((c / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = any((c / n).is_file() for n in ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin"))
+    return isinstance(state, dict) and weights and any(c.glob("rng_state*.pth"))
+
+
 def _latest_checkpoint(checkpoint_dir: str) -> str | None:
-    ckpts = sorted(Path(checkpoint_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    # A checkpoint dir is complete once trainer_state.json is in it (TRL writes it last).
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").is_file()]
+    ckpts = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    ckpts = sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+    ckpts = [c for c in ckpts if _complete_checkpoint(c)]
     return str(ckpts[-1]) if ckpts else None
+
+
+def resume_key(spec: DPOSpec) -> str:
+    """What a checkpoint must have been trained on to be resumed from: data and initial adapter
+    *content* and every hyperparameter (not paths, which change between attempts, nor
+    save_steps/crash_prefix, which do not change the result)."""
+    import hashlib
+
+    def file_hash(path: str | None) -> str | None:
+        if not path or not Path(path).is_file():
+            return None
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    d = asdict(spec)
+    for k in ("data", "output_dir", "checkpoint_dir", "save_steps", "crash_prefix", "init_adapter"):
+        d.pop(k)
+    d["data_sha256"] = file_hash(spec.data)
+    d["init_adapter_sha256"] = (file_hash(str(Path(spec.init_adapter, "adapter_model.safetensors")))
+                                if spec.init_adapter else None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _prepare_checkpoint_dir(spec: DPOSpec) -> None:
+    """Keep checkpoints only if they were made by the same training job (``resume_key``)."""
+    import shutil
+
+    d = Path(spec.checkpoint_dir)
+    key = resume_key(spec)
+    key_file = d / "resume_key"
+    if d.is_dir():
+        old = key_file.read_text().strip() if key_file.is_file() else None
+        if old != key and any(d.glob("checkpoint-*")):
+            print("[train] discarding checkpoints of a different training job (data or settings changed)", flush=True)
+            for c in d.glob("checkpoint-*"):
+                shutil.rmtree(c, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / ".resume_key.tmp"
+    tmp.write_text(key + "\n")
+    os.replace(tmp, key_file)
+
+
+def _restore_trained_adapter(model, checkpoint: str) -> None:
+    """Load the trainable adapter ("default") from a checkpoint, before ``Trainer.train`` resumes.
+
+    From iteration 2 on the model holds two adapters (the trainable "default" and TRL's frozen
+    "ref" copy), which PEFT saves as ``adapter_model.safetensors`` (default) plus ``ref/``.
+    transformers 5.x ``Trainer._load_from_checkpoint`` then loads only the sub-directories
+    (``ref``) and never the root: the resumed run silently continued from the *initial*
+    adapter with the step counter advanced (found by the fault-injection test: the iteration-2
+    adapter resumed from its last checkpoint equalled the iteration-1 adapter). Loading it here
+    is harmless in iteration 1 (single adapter), where the Trainer loads the same weights again.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint, "adapter_model.safetensors")
+    if not path.is_file() or not hasattr(model, "peft_config") or "default" not in model.peft_config:
+        return
+    result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name="default")
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint} does not match the model's adapter: {missing[:3]}")
 
 
 def train_dpo(spec: DPOSpec) -> dict:
@@ -136,9 +213,11 @@ def train_dpo(spec: DPOSpec) -> dict:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[_Progress()],
     )
+    _prepare_checkpoint_dir(spec)
     resume = _latest_checkpoint(spec.checkpoint_dir)
     if resume:
         print(f"[train] resuming from {resume}", flush=True)
+        _restore_trained_adapter(trainer.model, resume)
     result = trainer.train(resume_from_checkpoint=resume)
     crash_point(f"{spec.crash_prefix}/before_save")
     trainer.model.save_pretrained(spec.output_dir, selected_adapters=["default"])

@@ -1,0 +1,181 @@
+"""CLI level: `selfalign status` on killed runs, the lock message, bad input (exit 2, nothing written).
+
+Fast: no model is run (run directories are built with the store, as a killed run leaves them).
+The end-to-end kill/resume cycle is tests/integration/test_fault_injection.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alignment.config import load_recipe
+from alignment.stages import run_sharded, shard_key
+from alignment.store import RunStore
+from flows.cli import main
+from tests.conftest import REPO, write_recipe
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_model_dir, prompts_file):
+    return write_recipe(tmp_path / "recipe.yaml", str(tiny_model_dir), prompts_file)
+
+
+@pytest.fixture
+def run_dir(tmp_path, recipe):
+    """A run as a SIGKILL during judging leaves it: prompts/generate done, 1 of 2 judge shards,
+    a stale lock file naming the dead process, a "start" event with no end."""
+    _, data = load_recipe(recipe)
+    store = RunStore.create(tmp_path / "run", recipe=data, algorithm="self-rewarding", name="test")
+    rows = [{"prompt_id": f"p{i}", "prompt": f"q{i}"} for i in range(4)]
+    for stage in ("prompts", "generate"):
+        store.log_event("start", t=1, stage=stage)
+        store.write_rows(1, stage, rows, inputs={}, recipe_hash="r")
+        store.log_event("done", t=1, stage=stage, rows=4)
+    store.log_event("start", t=1, stage="judge")
+    dead = 2**22 + 4321  # above pid_max: never a live process
+    with pytest.raises(KeyboardInterrupt):  # "killed" while computing the second shard
+        run_sharded(store, 1, "judge", rows, shard_size=2, key=shard_key("x"), log=lambda m: None,
+                    compute=lambda chunk, i: list(chunk) if i == 0 else (_ for _ in ()).throw(KeyboardInterrupt()))
+    (store.root / "lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "since": "2025-01-01T00:00"}))
+    return store.root
+
+
+def _snapshot(path):
+    return sorted((p.relative_to(path).as_posix(), p.stat().st_size) for p in path.rglob("*")) if path.exists() else None
+
+
+def _cli(*args, timeout=60):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for k in ("SELFALIGN_CRASH_AT", "SELFALIGN_CRASH_SIGNAL"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_reports_a_killed_run(run_dir, capsys):
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "lock: pid 4198625 on" in out and "(stale: that process is gone" in out
+    assert "done, 4 rows" in lines["prompts"] and "done, 4 rows" in lines["generate"]
+    assert "partial (1/2 shards, 2 rows)" in lines["judge"]
+    assert "interrupted: pid" in lines["judge"]
+    for stage in ("pairs", "train"):
+        assert "not started" in lines[stage]
+    assert f"resume with: selfalign resume {run_dir}" in out
+
+
+def test_status_reports_ctrl_c_and_the_last_error(run_dir, capsys):
+    store = RunStore(run_dir)
+    store.log_event("error", t=1, stage="judge", message="interrupted (Ctrl-C / SIGINT)")
+    store.log_event("error", message="interrupted (Ctrl-C)")
+    (run_dir / "lock").unlink()
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    judge = next(line for line in out.splitlines() if line.strip().startswith("judge"))
+    assert "partial (1/2 shards, 2 rows)  last error: interrupted (Ctrl-C / SIGINT)" in judge
+    assert "interrupted: pid" not in judge  # the error event says what happened
+    assert "last error: interrupted (Ctrl-C) (" in out and "lock:" not in out
+
+
+def test_status_of_a_live_run_says_running(run_dir, capsys):
+    with RunStore(run_dir).lock():
+        assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"lock: pid {os.getpid()} on {socket.gethostname()}" in out and "(running)" in out
+    assert "interrupted: pid" not in out  # a live run's current stage is not "killed"
+    assert "resume with" not in out
+
+
+def test_status_of_a_non_run_exits_2(tmp_path, capsys):
+    assert main(["status", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def test_second_process_exits_at_once_naming_the_holder(run_dir):
+    with RunStore(run_dir).lock():
+        before = _snapshot(run_dir)
+        started = time.monotonic()
+        proc = _cli("resume", str(run_dir))
+        elapsed = time.monotonic() - started
+        after = _snapshot(run_dir)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("selfalign: error: run dir")
+    assert f"is locked by pid {os.getpid()} on host {socket.gethostname()} since" in proc.stderr
+    assert "Prefect" not in proc.stdout + proc.stderr and elapsed < 30
+    assert after == before
+
+
+# --------------------------------------------------------------------------- bad input: exit 2, nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "{tmp}/missing.yaml", "--run-dir", "{tmp}/new"], "recipe file not found"),
+    (["run", "{recipe}", "--run-dir", "{tmp}/new", "--set", "train.batch_size=0"], "field train.batch_size"),
+    (["run", "{recipe}", "--run-dir", "{tmp}/new", "--set", "prompts.source={tmp}/none.jsonl"], "none.jsonl"),
+    (["resume", "{tmp}/new"], "does not exist"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, recipe, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, recipe=recipe) for a in argv]
+    before = _snapshot(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfalign: error:") and message in err and err.count("\n") == 1
+    assert _snapshot(tmp_path) == before
+
+
+def test_resume_of_a_plain_directory_exits_2(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("mine")
+    assert main(["resume", str(tmp_path / "plain")]) == 2
+    assert "is not a selfalign run" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["x.txt"]
+
+
+def test_run_with_another_recipe_on_an_existing_run_exits_2(run_dir, recipe, capsys):
+    other = write_recipe(recipe.parent / "other.yaml", load_recipe(recipe)[0].model, recipe.parent / "prompts.jsonl",
+                         seed=1)
+    before = _snapshot(run_dir)
+    assert main(["run", str(other), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "different recipe" in err and "seed" in err and f"selfalign resume {run_dir}" in err
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_with_a_damaged_stored_recipe_exits_2(run_dir, capsys):
+    (run_dir / "recipe.yaml").write_text("algorithm: self-rewarding\nmodel: [\n")
+    before = _snapshot(run_dir)
+    assert main(["resume", str(run_dir)]) == 2
+    assert "recipe.yaml" in capsys.readouterr().err
+    assert _snapshot(run_dir) == before
+
+
+def test_disk_full_while_writing_is_a_clear_error(tmp_path, recipe, capsys, monkeypatch, prefect_harness):
+    """ENOSPC from the first stage write: one clear line naming the file, the reason and what to do."""
+    import pyarrow.parquet as pq
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    assert main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "prompts/data.parquet" in err
+    assert "No space left on device (errno 28); free some disk space and resume the run" in err
+    assert not list((tmp_path / "run").rglob("*.tmp-*"))
+    assert not (tmp_path / "run" / "lock").exists()
