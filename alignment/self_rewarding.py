@@ -26,7 +26,7 @@ from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
 from alignment.models import ResolvedModel, resolve, with_adapter
 from alignment.pairs import build_pairs, tie_rate
-from alignment.stages import Log, Progress, run_sharded, run_table_stage, shard_key, stage_outcome
+from alignment.stages import Log, Progress, error_message, run_sharded, run_table_stage, shard_key, stage_outcome
 from alignment.store import RunStore, hash_obj, sha256_file
 from alignment.training import DPOSpec
 
@@ -225,7 +225,7 @@ class SelfRewardingRun:
             self.store.commit_dir(t, "train", build, inputs=inputs, recipe_hash=recipe_hash,
                                   info={"adapter": self._rel(final), "pairs": len(pairs), "corrections": applied, "trained": True})
         except BaseException as err:
-            self.store.log_event("error", t=t, stage="train", message=f"{type(err).__name__}: {err}")
+            self.store.log_event("error", t=t, stage="train", message=error_message(err))
             raise
         self.store.log_event("done", t=t, stage="train")
         self.log(f"iter {t} train: adapter {final} (loss {metrics.get('train_loss', float('nan')):.4f}, "
