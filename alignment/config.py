@@ -255,8 +255,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeBase
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     data = apply_overrides(data, list(overrides))
-    src = (data.get("prompts") or {}).get("source") if isinstance(data.get("prompts"), dict) else None
-    if isinstance(src, str) and not Path(src).is_absolute() and (path.parent / src).exists():
-        data["prompts"]["source"] = str((path.parent / src).resolve())
+    for section in ("prompts", "data"):  # dataset paths in a recipe are relative to the recipe file
+        sec = data.get(section)
+        src = sec.get("source") if isinstance(sec, dict) else None
+        if isinstance(src, str) and not Path(src).is_absolute() and (path.parent / src).exists():
+            sec["source"] = str((path.parent / src).resolve())
     recipe = parse_recipe(data, str(path))
     return recipe, recipe.model_dump(mode="json")

@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+# Prefect binds its console log handler to sys.stderr on first import. Import it now, while
+# pytest's session-wide capture is in place, not inside a test using capsys: that stream is
+# closed after the test and every later flow's log line would fail on it.
+import prefect  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:

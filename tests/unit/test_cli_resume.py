@@ -165,17 +165,29 @@ def test_resume_with_a_damaged_stored_recipe_exits_2(run_dir, capsys):
     assert _snapshot(run_dir) == before
 
 
-def test_disk_full_while_writing_is_a_clear_error(tmp_path, recipe, capsys, monkeypatch, prefect_harness):
-    """ENOSPC from the first stage write: one clear line naming the file, the reason and what to do."""
-    import pyarrow.parquet as pq
+def test_disk_full_while_writing_is_a_clear_error(tmp_path, recipe, prefect_harness):
+    """ENOSPC from the first stage write: one clear line naming the file, the reason and what to do.
 
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    Runs the real CLI in a subprocess whose parquet writer fails with ENOSPC (running the flow
+    in-process under capsys would leave Prefect's log handlers on a closed stream)."""
+    from prefect.settings import PREFECT_API_URL
 
-    monkeypatch.setattr(pq, "write_table", full)
-    assert main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert "cannot write" in err and "prompts/data.parquet" in err
-    assert "No space left on device (errno 28); free some disk space and resume the run" in err
+    script = (
+        "import errno, sys\n"
+        "import pyarrow.parquet as pq\n"
+        "def full(*a, **k):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "pq.write_table = full\n"
+        "from flows.cli import main\n"
+        f"sys.exit(main(['run', {str(recipe)!r}, '--run-dir', {str(tmp_path / 'run')!r}]))\n"
+    )
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("selfalign: error:")]
+    assert len(err) == 1, proc.stderr[-2000:]
+    assert "cannot write" in err[0] and "prompts/data.parquet" in err[0]
+    assert "No space left on device (errno 28); free some disk space and resume the run" in err[0]
     assert not list((tmp_path / "run").rglob("*.tmp-*"))
     assert not (tmp_path / "run" / "lock").exists()

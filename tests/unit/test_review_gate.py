@@ -10,7 +10,7 @@ from alignment.store import RunStore
 from tests.conftest import write_recipe
 
 
-def _paused_run(started: float, timeout: float = 120):
+def _paused_run(started: float, outcome: dict, timeout: float = 240):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateName
 
@@ -19,6 +19,7 @@ def _paused_run(started: float, timeout: float = 120):
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=dict(name=FlowRunFilterStateName(any_=["Paused"]))))
             if runs:
                 return runs[0]
+            assert "error" not in outcome and "result" not in outcome, f"flow ended without pausing: {outcome}"
             time.sleep(0.5)
     raise AssertionError("flow never paused")
 
@@ -43,7 +44,7 @@ def test_gate_waits_for_the_reviewer(decision, tmp_path, tiny_model_dir, prompts
     thread = threading.Thread(target=ctx.run, args=(target,))
     started = time.monotonic()
     thread.start()
-    paused = _paused_run(started)
+    paused = _paused_run(started, outcome)
     store = RunStore.open(tmp_path / "run")
     assert store.manifest(1, "pairs") is not None and store.manifest(1, "train") is None  # paused before training
     resume_flow_run(paused.id, run_input={"decision": decision, "note": "looked at 3 prompts"})
