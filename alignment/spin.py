@@ -1,0 +1,603 @@
+"""SPIN (Chen et al., 2024): self-play fine-tuning from an SFT dataset alone.
+
+Iteration t (M_1 = the recipe's model):
+
+    y′ ~ M_t(·|x) for every training prompt x            (generate)
+    pairs {x, chosen = y (the real SFT answer), rejected = y′}, dropping y′ == y,
+    plus the previous iteration's pairs ("mixing")       (pairs)
+    M_{t+1} = argmin SPIN loss with M_t as the reference  (train)
+    held-out log-likelihood of y under M_t and M_{t+1}; win rate of M_{t+1} over M_t  (eval)
+
+Reference model with LoRA: the policy is trained as a LoRA adapter on the frozen base, and the
+reference must be exactly M_t. In iteration 1, M_1 is the base: a fresh adapter (B = 0) is added
+and TRL computes the reference with adapters disabled. From iteration 2 on, M_t = base +
+adapter_{t−1}: we load adapter_{t−1} as the *trainable* adapter and TRL's DPOTrainer adds a
+frozen copy of it named ``ref`` through which it computes the reference log-probs (see
+``alignment.training``). So the policy starts at M_t, the reference stays M_t, and at step 0
+their log-probs are equal (loss = ln 2, reward margins 0; tested). The alternative — merging
+adapter_{t−1} into the base and adding a new adapter — would need a new base per iteration and
+one vLLM engine per base; this way every M_t is a delta on the same base, served by one engine.
+
+The pure functions (data loading, split, pairs, mixing, the loss) hold the algorithm; ``SpinRun``
+runs them as stages over the run directory (skip when current, shard long work) and holds no
+Prefect code; ``flows/spin.py`` wraps each stage in a task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from alignment.actor import generate_responses
+from alignment.data import DataError, prompt_id, read_records
+from alignment.faults import crash_point
+from alignment.generation import EngineSpec, Generator, Sampling, _derive_seed, open_generator
+from alignment.judge import JudgeSettings, judge_responses
+from alignment.launch import run_dpo
+from alignment.models import ResolvedModel, resolve, with_adapter
+from alignment.spin_config import SpinDataConfig, SpinRecipe
+from alignment.stages import Log, Progress, run_sharded, run_table_stage, shard_key, stage_outcome
+from alignment.store import RunStore, hash_obj, sha256_file
+from alignment.training import DPOSpec
+
+STAGES = SpinRecipe.STAGES
+
+
+# --------------------------------------------------------------------------------------- data
+def _where(source: str, record: dict, index: int) -> str:
+    line = record.get("__line__")
+    return f"{source}:{line}" if line is not None else f"{source}: row {index}"
+
+
+def _first_exchange(messages, where: str, field_name: str) -> tuple[str, str]:
+    """(first user message, the assistant message right after it) of a chat, as SPIN's code reads it."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field {field_name!r} must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: field {field_name!r} message {i} needs 'role' and 'content'")
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise DataError(f"{where}: field {field_name!r} has no user message")
+    u = users[0]
+    if u + 1 >= len(messages) or messages[u + 1]["role"] != "assistant":
+        raise DataError(f"{where}: field {field_name!r} has no assistant answer after the first user message")
+    return messages[u]["content"], messages[u + 1]["content"]
+
+
+def _text(value, where: str, name: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {what} {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: {what} {name!r} is empty")
+    return value.strip()
+
+
+def load_sft(cfg: SpinDataConfig) -> list[dict]:
+    """The SFT set as rows ``{prompt_id, prompt, answer}``; duplicate prompts dropped, order kept.
+
+    Every row is checked (this runs in ``preflight``, before any generation): a field mapping that
+    names a column no row has, a row missing the prompt/answer, a non-string or empty answer →
+    ``DataError`` naming the dataset, the row (file line) and the field.
+    """
+    source = cfg.source
+    records = read_records(source, split=cfg.split)
+    if not records:
+        raise DataError(f"{source}: no rows")
+    columns = sorted({k for r in records if isinstance(r, dict) for k in r if k != "__line__"})
+    mapping = ([("messages_field", cfg.messages_field)] if cfg.messages_field
+               else [("prompt_field", cfg.prompt_field), ("answer_field", cfg.answer_field)])
+    for key, column in mapping:
+        if column not in columns:
+            raise DataError(f"{source}: data.{key} names column {column!r}, which no row has "
+                            f"(columns: {', '.join(columns) or 'none'})")
+    rows, seen = [], set()
+    for index, record in enumerate(records, start=1):
+        where = _where(source, record, index)
+        if cfg.messages_field:
+            if cfg.messages_field not in record:
+                raise DataError(f"{where}: missing field {cfg.messages_field!r}")
+            prompt, answer = _first_exchange(record[cfg.messages_field], where, cfg.messages_field)
+            prompt = _text(prompt, where, cfg.messages_field, "first user message of")
+            answer = _text(answer, where, cfg.messages_field, "assistant answer of")
+        else:
+            for name in (cfg.prompt_field, cfg.answer_field):
+                if name not in record or record[name] is None:
+                    raise DataError(f"{where}: missing field {name!r}")
+            prompt = _text(record[cfg.prompt_field], where, cfg.prompt_field, "field")
+            answer = _text(record[cfg.answer_field], where, cfg.answer_field, "field")
+        pid = prompt_id(prompt)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        rows.append({"prompt_id": pid, "prompt": prompt, "answer": answer})
+        if cfg.limit and len(rows) >= cfg.limit:
+            break
+    return rows
+
+
+def split_heldout(rows: Sequence[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): the held-out prompts are those with the smallest hash of (seed, prompt_id).
+
+    Hash-based, not positional: a prompt stays on the same side when rows are added or reordered.
+    ``round(fraction · n)`` prompts are held out (at least 1 when fraction > 0), never all of them.
+    """
+    n = len(rows)
+    k = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
+    rank = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['prompt_id']}".encode()).hexdigest())
+    held = {r["prompt_id"] for r in rank[:k]}
+    return [r for r in rows if r["prompt_id"] not in held], [r for r in rows if r["prompt_id"] in held]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def build_spin_pairs(data: Sequence[dict], generated: Sequence[dict], iteration: int) -> tuple[list[dict], dict]:
+    """One pair per generated y′: ``{prompt, chosen = real answer, rejected = y′}``.
+
+    A y′ equal to the real answer (whitespace-normalised) is dropped: the pair has no signal,
+    and the paper's stopping point is exactly p_θ = p_data. ``generated_in`` records the
+    iteration whose model wrote y′ (for mixing).
+    """
+    answers = {r["prompt_id"]: r["answer"] for r in data}
+    pairs, identical, unknown = [], 0, 0
+    for g in generated:
+        answer = answers.get(g["prompt_id"])
+        if answer is None:
+            unknown += 1
+            continue
+        if _norm(g["response"]) == _norm(answer):
+            identical += 1
+            continue
+        pairs.append({
+            "prompt_id": g["prompt_id"], "prompt": g["prompt"], "chosen": answer, "rejected": g["response"],
+            "rejected_index": int(g["response_index"]), "rejected_length": int(g["length"]), "generated_in": iteration,
+        })
+    stats = {"generated": len(generated), "new_pairs": len(pairs), "identical_dropped": identical,
+             "unknown_prompt": unknown, "prompts": len({p["prompt_id"] for p in pairs})}
+    return pairs, stats
+
+
+def mix_previous(current: Sequence[dict], previous: Sequence[dict], iteration: int) -> list[dict]:
+    """The paper's data mixing: iteration t trains on its own synthetic pairs plus those generated
+    in iteration t−1 (only those: the previous table's own mix of t−2 is not carried further)."""
+    return list(current) + [p for p in previous if p["generated_in"] == iteration - 1]
+
+
+# --------------------------------------------------------------------------------------- loss
+def spin_loss(
+    policy_chosen_logps: Sequence[float] | float,
+    policy_rejected_logps: Sequence[float] | float,
+    ref_chosen_logps: Sequence[float] | float,
+    ref_rejected_logps: Sequence[float] | float,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> float:
+    """Mean SPIN loss over a batch of pairs, from sequence log-probabilities.
+
+        Δ = (log p_θ(y|x) − log p_t(y|x)) − (log p_θ(y′|x) − log p_t(y′|x))
+        sigmoid (the paper's logistic ℓ(u) = log(1 + e^{−u})):  L = −log σ(β·Δ) = log(1 + e^{−β·Δ})
+        hinge:                                                  L = max(0, 1 − β·Δ)
+
+    with y the real answer, y′ ~ p_t the previous model's own answer, p_θ the policy and p_t = M_t
+    the reference. This is TRL's DPO loss with ``loss_type`` sigmoid / hinge (label smoothing 0);
+    the reference function the tests check TRL's training logs against.
+    """
+    def seq(x):
+        return [float(v) for v in x] if isinstance(x, (list, tuple)) else [float(x)]
+
+    pc, pr, rc, rr = map(seq, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
+    if not (len(pc) == len(pr) == len(rc) == len(rr)) or not pc:
+        raise ValueError("spin_loss: the four log-prob sequences must be non-empty and of equal length")
+    losses = []
+    for a, b, c, d in zip(pc, pr, rc, rr):
+        u = beta * ((a - c) - (b - d))
+        if loss_type == "sigmoid":
+            # log(1 + e^{-u}) computed stably for large |u|
+            losses.append(max(-u, 0.0) + math.log1p(math.exp(-abs(u))))
+        elif loss_type == "hinge":
+            losses.append(max(0.0, 1.0 - u))
+        else:
+            raise ValueError(f"spin_loss: unknown loss_type {loss_type!r}")
+    return sum(losses) / len(losses)
+
+
+# --------------------------------------------------------------------------------------- eval
+def answer_logliks(base: str, adapter: str | None, rows: Sequence[dict], *, batch_size: int = 8,
+                   max_length: int = 2048) -> list[dict]:
+    """log p(answer | prompt) under base (+ adapter), by a transformers forward pass.
+
+    The prompt is the chat template with the generation prompt; the answer tokens are everything
+    the template adds after it for the assistant turn (the answer and its end-of-turn token),
+    as TRL scores a completion. Returns ``{"loglik": sum, "tokens": n}`` per row.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model = model.to(device).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def ids(messages, gen_prompt: bool) -> list[int]:
+        out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=True)
+        return list(out["input_ids"])
+
+    encoded = []
+    for r in rows:
+        user = [{"role": "user", "content": r["prompt"]}]
+        p = ids(user, True)
+        full = ids(user + [{"role": "assistant", "content": r["answer"]}], False)
+        start = 0
+        while start < min(len(p), len(full)) and p[start] == full[start]:
+            start += 1
+        full = full[:max_length]
+        encoded.append((full, min(start, len(full) - 1)))
+    results = []
+    for i in range(0, len(encoded), batch_size):
+        batch = encoded[i : i + batch_size]
+        width = max(len(f) for f, _ in batch)
+        input_ids = torch.tensor([f + [pad] * (width - len(f)) for f, _ in batch], device=device)
+        attention = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f, _ in batch], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for row, (f, start) in zip(logps, batch):
+            # token j (j >= start) is predicted at position j-1
+            tokens = row[start - 1 : len(f) - 1] if start > 0 else row[: len(f) - 1]
+            results.append({"loglik": float(tokens.sum()), "tokens": int(tokens.numel())})
+    del model
+    return results
+
+
+def outcome(before: float | None, after: float | None) -> str:
+    """Head-to-head result of M_{t+1}'s answer (after) against M_t's (before) by judge score."""
+    if before is None or after is None:
+        return "unscored"
+    return "win" if after > before else "loss" if after < before else "tie"
+
+
+def eval_summary(rows: Sequence[dict]) -> dict:
+    """Held-out means and the win rate (ties count half; unscored prompts excluded)."""
+    out: dict = {"heldout": len(rows)}
+    if not rows:
+        return out
+    for side in ("before", "after"):
+        total = sum(r[f"loglik_{side}"] for r in rows)
+        tokens = sum(r["answer_tokens"] for r in rows)
+        out[f"loglik_{side}"] = total / len(rows)
+        out[f"loglik_per_token_{side}"] = total / max(1, tokens)
+    counts = {k: sum(1 for r in rows if r.get("outcome") == k) for k in ("win", "tie", "loss", "unscored")}
+    scored = counts["win"] + counts["tie"] + counts["loss"]
+    out.update(wins=counts["win"], ties=counts["tie"], losses=counts["loss"], unscored=counts["unscored"],
+               win_rate=(counts["win"] + 0.5 * counts["tie"]) / scored if scored else None)
+    for side in ("before", "after"):
+        s = [r[f"score_{side}"] for r in rows if r.get(f"score_{side}") is not None]
+        out[f"mean_score_{side}"] = statistics.fmean(s) if s else None
+    return out
+
+
+# --------------------------------------------------------------------------------------- run
+@dataclass
+class SpinRun:
+    store: RunStore
+    recipe: SpinRecipe
+    log: Log = print
+    progress: Callable[[str, int], Progress] | None = None  # (stage, t) -> progress callback
+    _generator: Generator | None = field(default=None, repr=False)
+    _base: ResolvedModel | None = field(default=None, repr=False)
+    timings: dict = field(default_factory=dict)  # (t, stage) -> seconds spent computing (bench)
+
+    # ---- models and engine -------------------------------------------------------------
+    @property
+    def base(self) -> ResolvedModel:
+        if self._base is None:
+            self._base = resolve(self.recipe.model)
+        return self._base
+
+    def model(self, t: int) -> ResolvedModel:
+        """M_t: the recipe's model for t=1, else base + the adapter trained in iteration t−1."""
+        if t == 1:
+            return self.base
+        adapter = self.adapter(t - 1)
+        return with_adapter(self.base, adapter) if adapter else self.model(t - 1)
+
+    def adapter(self, t: int) -> str | None:
+        manifest = self.store.manifest(t, "train")
+        if manifest is None:
+            raise RuntimeError(f"iteration {t} has not been trained yet")
+        rel = manifest["info"].get("adapter")
+        return str(self.store.root / rel) if rel else None
+
+    def model_hash(self, t: int) -> str:
+        m = self.model(t)
+        if m.adapter is None:
+            return hash_obj({"model": self.recipe.model})
+        return hash_obj({"model": self.recipe.model, "adapter": sha256_file(Path(m.adapter) / "adapter_model.safetensors")})
+
+    def generator(self) -> Generator:
+        if self._generator is None:
+            from alignment.self_rewarding import lora_rank_slot
+
+            e = self.recipe.engine
+            spec = EngineSpec(
+                base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
+                max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
+                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+                # Always: the eval stage serves the adapter trained in the same iteration.
+                enable_lora=True, max_lora_rank=lora_rank_slot(self.recipe.train.lora.r), batch_size=e.batch_size,
+            )
+            self.log(f"starting {e.backend} engine for {self.base.base}")
+            self._generator = open_generator(spec)
+            self.log(f"engine ready ({self._generator.backend})")
+        return self._generator
+
+    def close(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+    def _section_hash(self, *names: str, **extra) -> str:
+        data = self.recipe.model_dump(mode="json")
+        return hash_obj({n: data[n] for n in names} | {"backend": data["engine"]["backend"], "seed": data["seed"]} | extra)
+
+    def _progress(self, stage: str, t: int) -> Progress | None:
+        return self.progress(stage, t) if self.progress else None
+
+    def _rel(self, path: str | Path | None) -> str | None:
+        return None if path is None else Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
+
+    def _timed(self, t: int, stage: str, started: float) -> None:
+        self.timings[(t, stage)] = self.timings.get((t, stage), 0.0) + time.monotonic() - started
+
+    # ---- stages ------------------------------------------------------------------------
+    def data(self, t: int) -> str:
+        """The SFT set split into train / held-out (the same in every iteration)."""
+        cfg = self.recipe.data
+        source = Path(cfg.source)
+        inputs = {"source": sha256_file(source) if source.is_file() else cfg.source}
+
+        def compute():
+            rows = load_sft(cfg)
+            train, held = split_heldout(rows, cfg.heldout_fraction, self.recipe.seed)
+            held_ids = {r["prompt_id"] for r in held}
+            out = [r | {"split": "heldout" if r["prompt_id"] in held_ids else "train"} for r in rows]
+            return out, {"prompts": len(rows), "train": len(train), "heldout": len(held)}
+
+        return run_table_stage(self.store, t, "data", inputs=inputs, recipe_hash=self._section_hash("data"),
+                               compute=compute, log=self.log)
+
+    def _split(self, t: int, split: str) -> list[dict]:
+        return [r for r in self.store.read_rows(t, "data") if r["split"] == split]
+
+    def generate(self, t: int) -> str:
+        """y′ ~ M_t for every training prompt (sharded: a kill loses at most one shard)."""
+        g = self.recipe.generation
+        inputs = {"data": self.store.output_hash(t, "data"), "model": self.model_hash(t)}
+        recipe_hash = self._section_hash("generation")
+        sampling = Sampling(n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
+
+        def compute():
+            started = time.monotonic()
+            prompts = self._split(t, "train")
+            adapter = self.model(t).adapter
+            rows = run_sharded(
+                self.store, t, "generate", prompts, shard_size=self.recipe.engine.shard_size,
+                key=shard_key(inputs, recipe_hash), log=self.log, progress=self._progress("generate", t),
+                compute=lambda chunk, i: generate_responses(
+                    self.generator(), chunk, sampling, adapter=adapter, seed=_derive_seed(self.recipe.seed, t, "spin-gen", i)),
+            )
+            self._timed(t, "generate", started)
+            return rows, {"responses": len(rows), "prompts": len(prompts)}
+
+        return run_table_stage(self.store, t, "generate", inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
+
+    def pairs(self, t: int) -> dict:
+        mix = self.recipe.train.mix_previous and t > 1
+        inputs = {"data": self.store.output_hash(t, "data"), "generate": self.store.output_hash(t, "generate")}
+        if mix:
+            inputs["previous"] = self.store.output_hash(t - 1, "pairs")
+
+        def compute():
+            rows, stats = build_spin_pairs(self._split(t, "train"), self.store.read_rows(t, "generate"), t)
+            if mix:
+                rows = mix_previous(rows, self.store.read_rows(t - 1, "pairs"), t)
+            stats |= {"pairs": len(rows), "mixed_pairs": len(rows) - stats["new_pairs"],
+                      "rejected_mean_length": statistics.fmean(r["rejected_length"] for r in rows) if rows else None}
+            return rows, stats
+
+        run_table_stage(self.store, t, "pairs", inputs=inputs, recipe_hash=self._section_hash(mix=mix),
+                        compute=compute, log=self.log)
+        stats = self.store.manifest(t, "pairs")["info"]
+        self.log(f"iter {t} pairs: {stats['pairs']} pairs ({stats['new_pairs']} new, {stats['mixed_pairs']} from "
+                 f"iteration {t - 1}; {stats['identical_dropped']} dropped as y′ == answer)")
+        return stats
+
+    def train(self, t: int) -> str | None:
+        """SPIN loss (DPO against M_t) on this iteration's pairs → adapter of M_{t+1}."""
+        inputs = {"pairs": self.store.output_hash(t, "pairs"), "model": self.model_hash(t)}
+        tc = self.recipe.train
+        beta = tc.beta_for(t)
+        # Only this iteration's β counts: editing a later iteration's β must not redo this one.
+        section = {k: v for k, v in self.recipe.train.model_dump(mode="json").items() if k != "beta"}
+        recipe_hash = self._section_hash(train=section, beta=beta)
+        if stage_outcome(self.store, t, "train", inputs, recipe_hash, self.log) is not None:
+            return self.adapter(t)
+        pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in self.store.read_rows(t, "pairs")]
+        if not pairs:
+            self.log(f"WARNING iter {t} train: no pairs (every y′ equals its answer); skipping training, M_{t + 1} = M_{t}")
+            self.store.commit_dir(t, "train", lambda tmp: (tmp / "NO_PAIRS").write_text("no pairs\n"),
+                                  inputs=inputs, recipe_hash=recipe_hash, subdir="empty",
+                                  info={"adapter": self._rel(self.model(t).adapter), "pairs": 0, "beta": beta, "trained": False})
+            return self.model(t).adapter
+        ckpt = self.store.scratch_dir(t, "train", "checkpoints")
+        self.store.log_event("start", t=t, stage="train", pairs=len(pairs))
+        metrics: dict = {}
+        started = time.monotonic()
+
+        def build(tmp: Path) -> None:
+            data = tmp / "train_pairs.jsonl"
+            data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            spec = DPOSpec(
+                # init_adapter = adapter_{t-1}: TRL keeps a frozen copy as the reference, so it is M_t.
+                base=self.base.base, init_adapter=self.model(t).adapter, data=str(data), output_dir=str(tmp),
+                checkpoint_dir=str(ckpt / "trainer"), beta=beta, loss_type=tc.loss_type,
+                learning_rate=tc.learning_rate, epochs=tc.epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                max_length=tc.max_length, save_steps=tc.save_steps, seed=self.recipe.seed, lora=tc.lora.model_dump(),
+                crash_prefix=f"iter{t}/train",
+            )
+            metrics.update(run_dpo(spec, launcher=tc.launcher, spec_path=ckpt / "spec.json", log=self.log))
+            crash_point(f"iter{t}/train/before_commit")
+
+        final = self.store.stage_dir(t, "train") / "adapter"
+        try:
+            self.store.commit_dir(t, "train", build, inputs=inputs, recipe_hash=recipe_hash,
+                                  info={"adapter": self._rel(final), "pairs": len(pairs), "beta": beta,
+                                        "loss_type": tc.loss_type, "trained": True})
+        except BaseException as err:
+            self.store.log_event("error", t=t, stage="train", message=f"{type(err).__name__}: {err}")
+            raise
+        self._timed(t, "train", started)
+        self.store.log_event("done", t=t, stage="train")
+        self.log(f"iter {t} train: adapter {final} (β {beta}, loss {metrics.get('train_loss', float('nan')):.4f}, "
+                 f"{metrics.get('steps')} steps)")
+        return str(final)
+
+    def eval(self, t: int) -> dict:
+        """Held-out: log-likelihood of the real answers under M_t and M_{t+1}; win rate of
+        M_{t+1}'s answers over M_t's by the project's judge, run by the base model (fixed judge)."""
+        ev = self.recipe.eval
+        inputs = {"data": self.store.output_hash(t, "data"), "before": self.model_hash(t),
+                  "after": self.model_hash(t + 1)}
+        recipe_hash = self._section_hash("eval", max_length=self.recipe.train.max_length)
+
+        def compute():
+            started = time.monotonic()
+            held = self._split(t, "heldout")[: ev.max_prompts] if ev.enabled else []
+            if not held:
+                self.log(f"iter {t} eval: no held-out prompts (data.heldout_fraction 0 or eval disabled); skipped")
+                return [], eval_summary([])
+            before, after = self.model(t), self.model(t + 1)
+            kw = dict(batch_size=ev.batch_size, max_length=self.recipe.train.max_length)
+            ll_before = answer_logliks(self.base.base, before.adapter, held, **kw)
+            ll_after = answer_logliks(self.base.base, after.adapter, held, **kw)
+            rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "answer": r["answer"],
+                     "answer_tokens": a["tokens"], "loglik_before": a["loglik"], "loglik_after": b["loglik"],
+                     "response_before": None, "response_after": None, "score_before": None, "score_after": None,
+                     "outcome": "unscored"}
+                    for r, a, b in zip(held, ll_before, ll_after)]
+            if ev.win_rate:
+                sampling = Sampling(n=1, temperature=ev.temperature, top_p=ev.top_p, max_tokens=ev.max_tokens)
+                j = ev.judge
+                settings = JudgeSettings(n=j.n, mode=j.mode, score=j.score, temperature=j.temperature, top_p=j.top_p,
+                                         max_tokens=j.max_tokens)
+                gen = self.generator()
+                for side, model in (("before", before), ("after", after)):
+                    answers = generate_responses(gen, held, sampling, adapter=model.adapter,
+                                                 seed=_derive_seed(self.recipe.seed, t, "spin-eval"))
+                    judged = judge_responses(gen, answers, settings, adapter=None,
+                                             seed=_derive_seed(self.recipe.seed, t, "spin-eval-judge", side))
+                    for row, a in zip(rows, judged):
+                        row[f"response_{side}"] = a["response"]
+                        row[f"score_{side}"] = a["mean_score"]
+                for row in rows:
+                    row["outcome"] = outcome(row["score_before"], row["score_after"])
+            self._timed(t, "eval", started)
+            return rows, eval_summary(rows) | {"model_before": before.label, "model_after": after.label}
+
+        run_table_stage(self.store, t, "eval", inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
+        info = self.store.manifest(t, "eval")["info"]
+        if info.get("heldout"):
+            wr = info.get("win_rate")
+            self.log(f"iter {t} eval on {info['heldout']} held-out prompts: log-likelihood per answer token "
+                     f"M_{t} {info['loglik_per_token_before']:.4f} -> M_{t + 1} {info['loglik_per_token_after']:.4f}; "
+                     f"win rate of M_{t + 1} over M_{t} {'–' if wr is None else f'{wr:.2f}'}")
+        return info
+
+    # ---- reporting ---------------------------------------------------------------------
+    def metrics(self, t: int) -> dict:
+        """Per-iteration metrics (``iter_<t>/metrics.json``): counts, training curve, held-out eval.
+
+        The held-out numbers are also top-level keys, so the review app's overview shows them.
+        """
+        def info(stage):
+            m = self.store.manifest(t, stage)
+            return m["info"] if m else None
+
+        train = info("train")
+        out = {"iteration": t, "model": self.model(t).label, "data": info("data"), "generate": info("generate"),
+               "pairs": info("pairs"), "train": train, "eval": info("eval")}
+        adapter = self.adapter(t) if train and train.get("trained") else None
+        if adapter and Path(adapter, "train_metrics.json").is_file():
+            out["train_metrics"] = json.loads(Path(adapter, "train_metrics.json").read_text())
+        ev = out["eval"] or {}
+        out |= {"heldout_loglik_per_token_before": ev.get("loglik_per_token_before"),
+                "heldout_loglik_per_token_after": ev.get("loglik_per_token_after"),
+                "win_rate": ev.get("win_rate")}
+        self.store.write_json(t, "metrics.json", out)
+        return out
+
+    def iteration(self, t: int) -> dict:
+        """All stages of iteration t, in order (the flow does the same, one task per stage)."""
+        self.data(t)
+        self.generate(t)
+        self.pairs(t)
+        self.train(t)
+        self.eval(t)
+        return self.metrics(t)
+
+
+def training_curve(metrics: dict) -> list[dict]:
+    """Rows of the training curve (loss, reward margin, chosen/rejected log-probs) per logged step."""
+    curve = (metrics.get("train_metrics") or {}).get("curve") or []
+    return [{"step": c.get("step"), "loss": c.get("loss"), "reward_margin": c.get("rewards/margins"),
+             "logps_chosen": c.get("logps/chosen"), "logps_rejected": c.get("logps/rejected")} for c in curve]
+
+
+def summary_markdown(metrics: dict) -> str:
+    """Markdown summary of one SPIN iteration from its ``metrics.json``."""
+    def f(x, d=4):
+        return "–" if x is None else f"{x:.{d}f}" if isinstance(x, float) else str(x)
+
+    t = metrics["iteration"]
+    p, tr, ev = metrics.get("pairs") or {}, metrics.get("train") or {}, metrics.get("eval") or {}
+    tm = metrics.get("train_metrics") or {}
+    curve = training_curve(metrics)
+    lines = [
+        f"# SPIN iteration {t}", f"Opponent / reference M_{t}: `{metrics['model']}`", "",
+        "| pairs | new | mixed from t−1 | dropped (y′ = y) | β | loss type | steps | train loss |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {p.get('pairs')} | {p.get('new_pairs')} | {p.get('mixed_pairs')} | {p.get('identical_dropped')} "
+        f"| {tr.get('beta')} | {tr.get('loss_type', '–')} | {tm.get('steps', '–')} | {f(tm.get('train_loss'))} |",
+    ]
+    if curve:
+        first, last = curve[0], curve[-1]
+        lines += ["", "| step | loss | reward margin | log p(y) | log p(y′) |", "|---|---|---|---|---|"]
+        lines += [f"| {c['step']} | {f(c['loss'])} | {f(c['reward_margin'])} | {f(c['logps_chosen'], 2)} "
+                  f"| {f(c['logps_rejected'], 2)} |" for c in (first, last)]
+    if not tr.get("trained", True):
+        lines += ["", "**No pairs: training skipped.**"]
+    if ev.get("heldout"):
+        lines += ["", f"## Held-out evaluation ({ev['heldout']} prompts)", "",
+                  f"| | M_{t} | M_{t + 1} |", "|---|---|---|",
+                  f"| log-likelihood of real answers (per token) | {f(ev.get('loglik_per_token_before'))} "
+                  f"| {f(ev.get('loglik_per_token_after'))} |",
+                  f"| log-likelihood of real answers (per answer) | {f(ev.get('loglik_before'), 2)} "
+                  f"| {f(ev.get('loglik_after'), 2)} |",
+                  f"| mean judge score | {f(ev.get('mean_score_before'), 2)} | {f(ev.get('mean_score_after'), 2)} |",
+                  "", f"Win rate of M_{t + 1} over M_{t}: {f(ev.get('win_rate'), 2)} "
+                  f"({ev.get('wins')} wins, {ev.get('ties')} ties, {ev.get('losses')} losses, {ev.get('unscored')} unscored)"]
+    return "\n".join(lines)
