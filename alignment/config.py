@@ -255,10 +255,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeBase
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     data = apply_overrides(data, list(overrides))
-    for section in ("prompts", "data"):  # dataset paths in a recipe are relative to the recipe file
-        sec = data.get(section)
-        src = sec.get("source") if isinstance(sec, dict) else None
+    # Dataset and model paths in a recipe are relative to the recipe file.
+    for dotted in ("prompts.source", "data.source", "reward_model.data.source", "reward_model.path"):
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        src = node.get(leaf) if isinstance(node, dict) else None
         if isinstance(src, str) and not Path(src).is_absolute() and (path.parent / src).exists():
-            sec["source"] = str((path.parent / src).resolve())
+            node[leaf] = str((path.parent / src).resolve())
     recipe = parse_recipe(data, str(path))
     return recipe, recipe.model_dump(mode="json")

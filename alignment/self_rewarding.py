@@ -12,90 +12,29 @@ from __future__ import annotations
 
 import collections
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from alignment import corrections
 from alignment.actor import generate_responses, self_instruct
 from alignment.config import SelfRewardingRecipe
 from alignment.data import load_prompts
 from alignment.faults import crash_point
-from alignment.generation import EngineSpec, Generator, Sampling, _derive_seed, open_generator
+from alignment.generation import Sampling, _derive_seed
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
-from alignment.models import ResolvedModel, resolve, with_adapter
+from alignment.iterative import IterativeRun, lora_rank_slot  # noqa: F401  (lora_rank_slot re-exported)
 from alignment.pairs import build_pairs, tie_rate
-from alignment.stages import Log, Progress, error_message, run_sharded, run_table_stage, shard_key, stage_outcome
-from alignment.store import RunStore, hash_obj, sha256_file
+from alignment.stages import error_message, run_sharded, run_table_stage, shard_key, stage_outcome
+from alignment.store import sha256_file
 from alignment.training import DPOSpec
 
 STAGES = ["prompts", "generate", "judge", "pairs", "train"]
 
 
 @dataclass
-class SelfRewardingRun:
-    store: RunStore
+class SelfRewardingRun(IterativeRun):
     recipe: SelfRewardingRecipe
-    log: Log = print
-    progress: Callable[[str, int], Progress] | None = None  # (stage, t) -> progress callback
-    _generator: Generator | None = field(default=None, repr=False)
-    _base: ResolvedModel | None = field(default=None, repr=False)
-
-    # ---- models and engine -------------------------------------------------------------
-    @property
-    def base(self) -> ResolvedModel:
-        if self._base is None:
-            self._base = resolve(self.recipe.model)
-        return self._base
-
-    def model(self, t: int) -> ResolvedModel:
-        """M_t: the base for t=1 (or the recipe's adapter), else base + adapter trained in t-1."""
-        if t == 1:
-            return self.base
-        adapter = self.adapter(t - 1)
-        return with_adapter(self.base, adapter) if adapter else self.model(t - 1)
-
-    def adapter(self, t: int) -> str | None:
-        """The adapter trained in iteration t, or None if that iteration trained nothing."""
-        manifest = self.store.manifest(t, "train")
-        if manifest is None:
-            raise RuntimeError(f"iteration {t} has not been trained yet")
-        rel = manifest["info"].get("adapter")  # relative to the run dir, so a run can be moved
-        return str(self.store.root / rel) if rel else None
-
-    def model_hash(self, t: int) -> str:
-        m = self.model(t)
-        if m.adapter is None:
-            return hash_obj({"model": self.recipe.model})
-        return hash_obj({"model": self.recipe.model, "adapter": sha256_file(Path(m.adapter) / "adapter_model.safetensors")})
-
-    def generator(self) -> Generator:
-        if self._generator is None:
-            e = self.recipe.engine
-            spec = EngineSpec(
-                base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
-                max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
-                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                enable_lora=self.recipe.iterations > 1 or self.base.adapter is not None,
-                max_lora_rank=lora_rank_slot(self.recipe.train.lora.r), batch_size=e.batch_size,
-            )
-            self.log(f"starting {e.backend} engine for {self.base.base}")
-            self._generator = open_generator(spec)
-            self.log(f"engine ready ({self._generator.backend})")
-        return self._generator
-
-    def close(self) -> None:
-        if self._generator is not None:
-            self._generator.close()
-            self._generator = None
-
-    def _section_hash(self, *names: str) -> str:
-        data = self.recipe.model_dump(mode="json")
-        return hash_obj({n: data[n] for n in names} | {"backend": data["engine"]["backend"], "seed": data["seed"]})
-
-    def _progress(self, stage: str, t: int) -> Progress | None:
-        return self.progress(stage, t) if self.progress else None
 
     # ---- stages ------------------------------------------------------------------------
     def prompts(self, t: int) -> str:
@@ -240,9 +179,6 @@ class SelfRewardingRun:
         """More {prompt, chosen, rejected} rows for the same DPO step (Meta-Rewarding: judge pairs)."""
         return []
 
-    def _rel(self, path: str | Path | None) -> str | None:
-        return None if path is None else Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
-
     def reviewed_pairs(self, t: int) -> tuple[list[dict], list[str]]:
         """This iteration's pairs with the review corrections stored so far applied
         (``corrections.jsonl``, written by ``selfalign review``), and the applied ids, which
@@ -278,14 +214,6 @@ class SelfRewardingRun:
         self.pairs(t)
         self.train(t)
         return self.metrics(t)
-
-
-def lora_rank_slot(r: int) -> int:
-    """vLLM accepts max_lora_rank only from a fixed set (8, 16, 32, ...): the smallest that fits r."""
-    slot = 8
-    while slot < r:
-        slot *= 2
-    return slot
 
 
 def _group(rows: list[dict]) -> dict[str, list[dict]]:

@@ -32,18 +32,18 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from alignment.actor import generate_responses
 from alignment.data import DataError, prompt_id, read_records
 from alignment.faults import crash_point
-from alignment.generation import EngineSpec, Generator, Sampling, _derive_seed, open_generator
+from alignment.generation import Sampling, _derive_seed
+from alignment.iterative import IterativeRun
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
-from alignment.models import ResolvedModel, resolve, with_adapter
 from alignment.spin_config import SpinDataConfig, SpinRecipe
-from alignment.stages import Log, Progress, run_sharded, run_table_stage, shard_key, stage_outcome
-from alignment.store import RunStore, hash_obj, sha256_file
+from alignment.stages import run_sharded, run_table_stage, shard_key, stage_outcome
+from alignment.store import sha256_file
 from alignment.training import DPOSpec
 
 STAGES = SpinRecipe.STAGES
@@ -292,73 +292,12 @@ def eval_summary(rows: Sequence[dict]) -> dict:
 
 # --------------------------------------------------------------------------------------- run
 @dataclass
-class SpinRun:
-    store: RunStore
+class SpinRun(IterativeRun):
     recipe: SpinRecipe
-    log: Log = print
-    progress: Callable[[str, int], Progress] | None = None  # (stage, t) -> progress callback
-    _generator: Generator | None = field(default=None, repr=False)
-    _base: ResolvedModel | None = field(default=None, repr=False)
     timings: dict = field(default_factory=dict)  # (t, stage) -> seconds spent computing (bench)
 
-    # ---- models and engine -------------------------------------------------------------
-    @property
-    def base(self) -> ResolvedModel:
-        if self._base is None:
-            self._base = resolve(self.recipe.model)
-        return self._base
-
-    def model(self, t: int) -> ResolvedModel:
-        """M_t: the recipe's model for t=1, else base + the adapter trained in iteration t−1."""
-        if t == 1:
-            return self.base
-        adapter = self.adapter(t - 1)
-        return with_adapter(self.base, adapter) if adapter else self.model(t - 1)
-
-    def adapter(self, t: int) -> str | None:
-        manifest = self.store.manifest(t, "train")
-        if manifest is None:
-            raise RuntimeError(f"iteration {t} has not been trained yet")
-        rel = manifest["info"].get("adapter")
-        return str(self.store.root / rel) if rel else None
-
-    def model_hash(self, t: int) -> str:
-        m = self.model(t)
-        if m.adapter is None:
-            return hash_obj({"model": self.recipe.model})
-        return hash_obj({"model": self.recipe.model, "adapter": sha256_file(Path(m.adapter) / "adapter_model.safetensors")})
-
-    def generator(self) -> Generator:
-        if self._generator is None:
-            from alignment.self_rewarding import lora_rank_slot
-
-            e = self.recipe.engine
-            spec = EngineSpec(
-                base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
-                max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
-                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                # Always: the eval stage serves the adapter trained in the same iteration.
-                enable_lora=True, max_lora_rank=lora_rank_slot(self.recipe.train.lora.r), batch_size=e.batch_size,
-            )
-            self.log(f"starting {e.backend} engine for {self.base.base}")
-            self._generator = open_generator(spec)
-            self.log(f"engine ready ({self._generator.backend})")
-        return self._generator
-
-    def close(self) -> None:
-        if self._generator is not None:
-            self._generator.close()
-            self._generator = None
-
-    def _section_hash(self, *names: str, **extra) -> str:
-        data = self.recipe.model_dump(mode="json")
-        return hash_obj({n: data[n] for n in names} | {"backend": data["engine"]["backend"], "seed": data["seed"]} | extra)
-
-    def _progress(self, stage: str, t: int) -> Progress | None:
-        return self.progress(stage, t) if self.progress else None
-
-    def _rel(self, path: str | Path | None) -> str | None:
-        return None if path is None else Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
+    def needs_lora(self) -> bool:
+        return True  # the eval stage serves the adapter trained in the same iteration
 
     def _timed(self, t: int, stage: str, started: float) -> None:
         self.timings[(t, stage)] = self.timings.get((t, stage), 0.0) + time.monotonic() - started

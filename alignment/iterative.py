@@ -1,0 +1,104 @@
+"""What every iterative algorithm's run shares: the model chain M_t and one generation engine.
+
+M_1 is the recipe's model; M_{t+1} = the same base + the LoRA adapter trained in iteration t
+(recorded in ``iter_<t>/train/manifest.json``, relative to the run directory so a run can be
+moved). Every adapter is a delta on one base, so one engine serves all iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from alignment.generation import EngineSpec, Generator, open_generator
+from alignment.models import ResolvedModel, resolve, with_adapter
+from alignment.stages import Log, Progress
+from alignment.store import RunStore, hash_obj, sha256_file
+
+
+def lora_rank_slot(r: int) -> int:
+    """vLLM accepts max_lora_rank only from a fixed set (8, 16, 32, ...): the smallest that fits r."""
+    slot = 8
+    while slot < r:
+        slot *= 2
+    return slot
+
+
+@dataclass
+class IterativeRun:
+    store: RunStore
+    recipe: object  # the algorithm's recipe model (alignment.config.RecipeBase subclass)
+    log: Log = print
+    progress: Callable[[str, int], Progress] | None = None  # (stage, t) -> progress callback
+    _generator: Generator | None = field(default=None, repr=False)
+    _base: ResolvedModel | None = field(default=None, repr=False)
+
+    # ---- the model chain ---------------------------------------------------------------
+    @property
+    def base(self) -> ResolvedModel:
+        if self._base is None:
+            self._base = resolve(self.recipe.model)
+        return self._base
+
+    def model(self, t: int) -> ResolvedModel:
+        """M_t: the recipe's model for t=1, else base + the adapter trained in iteration t-1."""
+        if t == 1:
+            return self.base
+        adapter = self.adapter(t - 1)
+        return with_adapter(self.base, adapter) if adapter else self.model(t - 1)
+
+    def adapter(self, t: int) -> str | None:
+        """The adapter trained in iteration t, or None if that iteration trained nothing."""
+        manifest = self.store.manifest(t, "train")
+        if manifest is None:
+            raise RuntimeError(f"iteration {t} has not been trained yet")
+        rel = manifest["info"].get("adapter")
+        return str(self.store.root / rel) if rel else None
+
+    def model_hash(self, t: int) -> str:
+        m = self.model(t)
+        if m.adapter is None:
+            return hash_obj({"model": self.recipe.model})
+        return hash_obj({"model": self.recipe.model, "adapter": sha256_file(Path(m.adapter) / "adapter_model.safetensors")})
+
+    def _rel(self, path: str | Path | None) -> str | None:
+        return None if path is None else Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
+
+    # ---- the engine --------------------------------------------------------------------
+    def needs_lora(self) -> bool:
+        """Whether the engine must serve adapters (later iterations, or an adapter as the model)."""
+        return self.recipe.iterations > 1 or self.base.adapter is not None
+
+    def lora_rank(self) -> int:
+        return self.recipe.train.lora.r
+
+    def generator(self) -> Generator:
+        """One engine per flow run, reused for generation and judging in every iteration."""
+        if self._generator is None:
+            e = self.recipe.engine
+            spec = EngineSpec(
+                base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
+                max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
+                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+                enable_lora=self.needs_lora(), max_lora_rank=lora_rank_slot(self.lora_rank()), batch_size=e.batch_size,
+            )
+            self.log(f"starting {e.backend} engine for {self.base.base}")
+            self._generator = open_generator(spec)
+            self.log(f"engine ready ({self._generator.backend})")
+        return self._generator
+
+    def close(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+    # ---- stage helpers -----------------------------------------------------------------
+    def _section_hash(self, *names: str, **extra) -> str:
+        """Hash of the recipe sections a stage depends on (so changing train.beta redoes
+        training, not generation), plus backend and seed."""
+        data = self.recipe.model_dump(mode="json")
+        return hash_obj({n: data[n] for n in names} | {"backend": data["engine"]["backend"], "seed": data["seed"]} | extra)
+
+    def _progress(self, stage: str, t: int) -> Progress | None:
+        return self.progress(stage, t) if self.progress else None
