@@ -1,0 +1,615 @@
+"""PERL (Sidahmed et al., 2024): parameter-efficient RLHF — a LoRA reward model, then LoRA PPO.
+
+    prompts       the recipe's prompts, split into PPO prompts and held-out eval prompts
+    preferences   preference pairs: a TRL-format file / HF dataset, an earlier selfalign run's
+                  pairs (review corrections applied), or pairs built from the policy's own samples
+                  ranked by a scoring function; split into RM train / held-out
+    reward_model  LoRA RM on the pairs (Bradley-Terry); held-out pairwise accuracy
+    ppo           PPO in which only LoRA adapters (policy, value) train; KL to the initial policy
+                  (the base with adapters off); rewards from the RM or a reward(prompt, response) function
+    eval          held-out prompts answered by the initial policy and by the PPO policy, scored by
+                  the reward and by an optional external scorer
+
+The pure functions (reward-function loading and validation, preference-data conversion, splits,
+pairs from scores) hold the logic; ``PerlRun`` runs them as stages over the run directory and
+holds no Prefect code; ``flows/perl.py`` wraps each stage in a task. Training runs in a
+subprocess (``python -m alignment.perl_training``), see that module for the TRL details.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from alignment.data import DataError, load_prompts, prompt_id, read_records
+from alignment.generation import EngineSpec, Generator, Sampling, _derive_seed, open_generator
+from alignment.models import ModelError, ResolvedModel, resolve
+from alignment.perl_config import PerlRecipe, PreferenceDataConfig
+from alignment.perl_training import trainable_share  # noqa: F401  (pure; re-exported)
+from alignment.stages import Log, error_message, run_table_stage, stage_outcome
+from alignment.store import RunStore, StoreError, hash_obj, sha256_file
+
+STAGES = PerlRecipe.STAGES
+PROBE = ("Write one sentence about the weather.", "It is a bright, calm day with a light breeze.")
+
+
+# ------------------------------------------------------------------------------ reward functions
+class RewardFunctionError(ValueError):
+    """A reward function path that does not import, is not callable, or returns a non-float."""
+
+
+_FN_CACHE: dict[str, Callable] = {}
+
+
+def load_reward_function(path: str | None, *, probe: bool = False) -> Callable[[str, str], float]:
+    """Import ``module:function`` or ``path/to/file.py:function``.
+
+    ``probe=True`` also calls it once on a fixed (prompt, response) and checks it returns a
+    finite float, so a broken function fails before any training, not after an hour of PPO.
+    """
+    if not path or not isinstance(path, str) or ":" not in path:
+        raise RewardFunctionError(f"reward function {path!r}: expected 'module:function' or 'file.py:function'")
+    target, _, name = path.rpartition(":")
+    if not target or not name.isidentifier():
+        raise RewardFunctionError(f"reward function {path!r}: expected 'module:function' or 'file.py:function'")
+    fn = _FN_CACHE.get(path)
+    if fn is None:
+        try:
+            if target.endswith(".py"):
+                file = Path(target).expanduser()
+                if not file.is_file():
+                    raise RewardFunctionError(f"reward function {path!r}: file {target} not found")
+                mod_name = "selfalign_reward_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:10]
+                spec = importlib.util.spec_from_file_location(mod_name, file)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(target)
+        except RewardFunctionError:
+            raise
+        except Exception as err:  # ImportError, SyntaxError, an error at import time ...
+            raise RewardFunctionError(f"reward function {path!r}: cannot import {target} ({type(err).__name__}: {err})") from None
+        fn = getattr(module, name, None)
+        if fn is None:
+            raise RewardFunctionError(f"reward function {path!r}: {target} has no attribute {name!r}")
+        if not callable(fn):
+            raise RewardFunctionError(f"reward function {path!r}: {name} is not callable")
+        _FN_CACHE[path] = fn
+    if probe:
+        call_reward(fn, *PROBE, name=path)
+    return fn
+
+
+def as_reward(value, name: str = "reward") -> float:
+    """A reward function's return value as a finite float, else RewardFunctionError naming it."""
+    try:
+        import numpy as np
+
+        numeric = (int, float, np.integer, np.floating)
+    except ImportError:  # pragma: no cover
+        numeric = (int, float)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # 0-d numpy / torch scalars
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise RewardFunctionError(f"reward function {name!r} returned {type(value).__name__} {value!r}; expected a float")
+    out = float(value)
+    if not math.isfinite(out):
+        raise RewardFunctionError(f"reward function {name!r} returned {out}; expected a finite float")
+    return out
+
+
+def call_reward(fn: Callable, prompt: str, response: str, name: str = "reward") -> float:
+    try:
+        value = fn(prompt, response)
+    except Exception as err:
+        raise RewardFunctionError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
+    return as_reward(value, name)
+
+
+# ------------------------------------------------------------------------------ preference data
+def _message_text(value, where: str, name: str, *, role: str | None = None) -> str:
+    """A column value as text: a string, or the last (``role``) message of a chat message list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        msgs = [m for m in value if role is None or m.get("role") == role] or value
+        content = msgs[-1].get("content")
+        if isinstance(content, str):
+            return content
+    raise DataError(f"{where}: field {name!r} must be text or a list of chat messages, got {type(value).__name__}")
+
+
+def to_preference_rows(records: Sequence[dict], *, source: str, prompt_field: str = "prompt",
+                       chosen_field: str = "chosen", rejected_field: str = "rejected") -> list[dict]:
+    """TRL-format preference records → rows ``{prompt_id, prompt, chosen, rejected}`` (plain text).
+
+    Accepts TRL's explicit-prompt format (prompt / chosen / rejected as strings or message
+    lists) and its implicit-prompt conversational format (no prompt column; chosen and rejected
+    are whole conversations whose user turn is the prompt). A missing or empty chosen/rejected is
+    an error naming the file and line; pairs with chosen == rejected are errors too (they carry
+    no preference and would teach the RM nothing).
+    """
+    rows = []
+    for index, record in enumerate(records, start=1):
+        line = record.get("__line__")
+        where = f"{source}:{line}" if line is not None else f"{source}: row {index}"
+        for name in (chosen_field, rejected_field):
+            if name not in record or record[name] is None:
+                raise DataError(f"{where}: missing field {name!r} (a preference pair needs {chosen_field!r} and {rejected_field!r})")
+        if prompt_field in record and record[prompt_field] is not None:
+            prompt = _message_text(record[prompt_field], where, prompt_field, role="user")
+        elif isinstance(record[chosen_field], list):
+            prompt = _message_text(record[chosen_field], where, chosen_field, role="user")
+        else:
+            raise DataError(f"{where}: missing field {prompt_field!r} (and {chosen_field!r} is not a conversation)")
+        chosen = _message_text(record[chosen_field], where, chosen_field, role="assistant")
+        rejected = _message_text(record[rejected_field], where, rejected_field, role="assistant")
+        for name, text in ((prompt_field, prompt), (chosen_field, chosen), (rejected_field, rejected)):
+            if not text.strip():
+                raise DataError(f"{where}: field {name!r} is empty")
+        if chosen.strip() == rejected.strip():
+            raise DataError(f"{where}: {chosen_field!r} and {rejected_field!r} are identical")
+        rows.append({"prompt_id": prompt_id(prompt), "prompt": prompt.strip(), "chosen": chosen.strip(),
+                     "rejected": rejected.strip()})
+    if not rows:
+        raise DataError(f"{source}: no preference pairs")
+    return rows
+
+
+def is_run_dir(source: str) -> bool:
+    return Path(source).expanduser().is_dir() and (Path(source).expanduser() / "run.json").is_file()
+
+
+def pairs_from_run(run_dir: str, iteration: int | None = None) -> tuple[list[dict], dict]:
+    """An earlier selfalign run's pairs of one iteration, with its review corrections applied."""
+    store = RunStore.open(run_dir)
+    done = [t for t in store.iterations() if store.manifest(t, "pairs") is not None]
+    if not done:
+        raise DataError(f"{run_dir}: the run has no complete pairs stage")
+    t = iteration if iteration is not None else done[-1]
+    if t not in done:
+        raise DataError(f"{run_dir}: iteration {t} has no complete pairs stage (complete: {done})")
+    try:
+        from alignment.corrections import reviewed_pairs
+    except ImportError:  # review corrections not available in this build: use the pairs as stored
+        pairs, applied = store.read_rows(t, "pairs"), []
+    else:
+        pairs, applied = reviewed_pairs(store, t)
+    rows = to_preference_rows([{k: p.get(k) for k in ("prompt", "chosen", "rejected")} for p in pairs],
+                              source=f"{run_dir} iteration {t} pairs")
+    return rows, {"run": str(Path(run_dir).resolve()), "iteration": t, "corrections_applied": len(applied)}
+
+
+def load_preferences(cfg: PreferenceDataConfig) -> tuple[list[dict], dict]:
+    """Preference rows from ``cfg.source`` (file, HF id or run dir) and where they came from."""
+    source = cfg.source
+    if is_run_dir(source):
+        rows, info = pairs_from_run(source, cfg.iteration)
+    else:
+        records = read_records(source, split=cfg.split)
+        rows = to_preference_rows(records, source=source, prompt_field=cfg.prompt_field,
+                                  chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
+        info = {"source": source}
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    return rows, info
+
+
+def split_by_prompt(rows: Sequence[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) by a hash of (seed, prompt_id): every pair of a prompt lands on one side,
+    the split does not depend on row order, and at least one row stays in train. About
+    ``fraction`` of the prompts go to held-out (at least one when fraction > 0 and there are ≥ 2)."""
+    if fraction <= 0 or len({r["prompt_id"] for r in rows}) < 2:
+        return list(rows), []
+    ids = sorted({r["prompt_id"] for r in rows}, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    n_held = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    held = set(ids[:n_held])
+    return [r for r in rows if r["prompt_id"] not in held], [r for r in rows if r["prompt_id"] in held]
+
+
+def pairs_from_scores(rows: Sequence[dict], *, min_margin: float = 1e-6) -> tuple[list[dict], dict]:
+    """Scored samples (``prompt_id, prompt, response, score``) → one pair per prompt:
+    chosen = highest score, rejected = lowest (first wins a tie); prompts whose best and worst
+    differ by less than ``min_margin`` are dropped."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt_id"], []).append(r)
+    pairs, ties = [], 0
+    for pid, group in groups.items():
+        best = max(group, key=lambda r: r["score"])
+        worst = min(group, key=lambda r: r["score"])
+        if best["score"] - worst["score"] < min_margin or best["response"].strip() == worst["response"].strip():
+            ties += 1
+            continue
+        pairs.append({"prompt_id": pid, "prompt": best["prompt"], "chosen": best["response"], "rejected": worst["response"],
+                      "chosen_score": best["score"], "rejected_score": worst["score"]})
+    return pairs, {"prompts": len(groups), "pairs": len(pairs), "ties": ties}
+
+
+def check_rm_adapter(path: str, base: str) -> None:
+    """A given reward-model adapter must be a sequence-classification LoRA on the recipe's base."""
+    p = Path(path).expanduser()
+    cfg_file = p / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"reward_model.path {path}: not a PEFT adapter directory (no adapter_config.json)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("task_type") not in (None, "SEQ_CLS"):
+        raise ModelError(f"reward_model.path {path}: task_type {cfg.get('task_type')!r}, expected SEQ_CLS (a reward model)")
+    rm_base = cfg.get("base_model_name_or_path")
+    try:
+        rm_resolved = resolve(rm_base).base if rm_base else None
+    except ModelError:
+        rm_resolved = rm_base
+    if rm_resolved is None or _same_model(rm_resolved, base) is False:
+        raise ModelError(f"reward_model.path {path} was trained on base model {rm_base!r}, but this recipe's model is "
+                         f"{base!r}; train the reward model on the same base (or point model at {rm_base})")
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve() or _config_fingerprint(pa) == _config_fingerprint(pb)
+    return a == b
+
+
+def _config_fingerprint(path: Path) -> str | None:
+    """Architecture + size of a model dir (a copied base dir is the same model)."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("architectures", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+    w = path / "model.safetensors"
+    return hash_obj({k: cfg.get(k) for k in keys} | {"weights": w.stat().st_size if w.exists() else None})
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+# ------------------------------------------------------------------------------ the run
+@dataclass
+class PerlRun:
+    store: RunStore
+    recipe: PerlRecipe
+    log: Log = print
+    _generator: Generator | None = field(default=None, repr=False)
+    _base: ResolvedModel | None = field(default=None, repr=False)
+
+    T = 1  # PERL is one iteration: everything lives in iter_1
+
+    @property
+    def base(self) -> ResolvedModel:
+        if self._base is None:
+            self._base = resolve(self.recipe.model)
+        return self._base
+
+    def generator(self) -> Generator:
+        if self._generator is None:
+            from alignment.self_rewarding import lora_rank_slot
+
+            e = self.recipe.engine
+            spec = EngineSpec(
+                base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
+                max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
+                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+                enable_lora=True, max_lora_rank=lora_rank_slot(self.recipe.ppo.lora.r), batch_size=e.batch_size,
+            )
+            self.log(f"starting {e.backend} engine for {self.base.base}")
+            self._generator = open_generator(spec)
+            self.log(f"engine ready ({self._generator.backend})")
+        return self._generator
+
+    def close(self) -> None:
+        """Release the generation engine (before training: frees its memory for the trainer)."""
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+    def _hash(self, *names: str, **extra) -> str:
+        data = self.recipe.model_dump(mode="json")
+        return hash_obj({n: data[n] for n in names} | {"model": data["model"], "seed": data["seed"]} | extra)
+
+    def _rel(self, path: str | Path) -> str:
+        return Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
+
+    def _source_hash(self, source: str) -> str:
+        p = Path(source).expanduser()
+        if p.is_file():
+            return sha256_file(p)
+        if is_run_dir(source):  # the pairs it holds now (and its corrections) are what we train on
+            store = RunStore.open(source)
+            corr = store.root / "corrections.jsonl"
+            parts = [store.output_hash(t, "pairs") for t in store.iterations() if store.manifest(t, "pairs")]
+            return hash_obj({"pairs": parts, "corrections": sha256_file(corr) if corr.is_file() else None})
+        return source
+
+    def _output(self, stage: str, name: str) -> str:
+        return str(self.store.stage_dir(self.T, stage) / name)
+
+    # ---- stages ------------------------------------------------------------------------
+    def prompts(self) -> str:
+        """The recipe's prompts, split into ``train`` (PPO) and ``heldout`` (before/after eval)."""
+        cfg = self.recipe.prompts
+
+        def compute():
+            rows = load_prompts(cfg.source, field=cfg.field, split=cfg.split, limit=cfg.limit)
+            train, held = split_by_prompt(rows, cfg.heldout_fraction, self.recipe.seed)
+            held_ids = {r["prompt_id"] for r in held}
+            out = [r | {"split": "heldout" if r["prompt_id"] in held_ids else "train"} for r in rows]
+            return out, {"prompts": len(rows), "train": len(train), "heldout": len(held)}
+
+        return run_table_stage(self.store, self.T, "prompts", inputs={"source": self._source_hash(cfg.source)},
+                               recipe_hash=self._hash("prompts"), compute=compute, log=self.log)
+
+    def _prompt_rows(self, split: str) -> list[dict]:
+        return [r for r in self.store.read_rows(self.T, "prompts") if r["split"] == split]
+
+    def preferences(self) -> str | None:
+        """Preference pairs for the reward model, each marked ``split: train | heldout``."""
+        rm = self.recipe.reward_model
+        if rm is None or rm.data is None:
+            self.log("preferences: none needed (no reward model to train)")
+            return None
+        cfg = rm.data
+        inputs = {"prompts": self.store.output_hash(self.T, "prompts")} if cfg.generate else {"source": self._source_hash(cfg.source)}
+
+        def compute():
+            if cfg.generate:
+                rows, info = self._generated_pairs(cfg)
+            else:
+                rows, info = load_preferences(cfg)
+            train, held = split_by_prompt(rows, cfg.heldout_fraction, self.recipe.seed)
+            held_ids = {r["prompt_id"] for r in held}
+            out = [r | {"split": "heldout" if r["prompt_id"] in held_ids else "train"} for r in rows]
+            info |= {"pairs": len(rows), "train": len(train), "heldout": len(held)}
+            self.log(f"preferences: {len(rows)} pairs ({len(train)} train, {len(held)} held out)")
+            return out, info
+
+        return run_table_stage(self.store, self.T, "preferences", inputs=inputs,
+                               recipe_hash=self._hash(extra_rm_data=rm.data.model_dump(mode="json")),
+                               compute=compute, log=self.log)
+
+    def _generated_pairs(self, cfg: PreferenceDataConfig) -> tuple[list[dict], dict]:
+        g = cfg.generate
+        scorer = load_reward_function(g.scorer)
+        prompts = self._prompt_rows("train")
+        convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+        sampling = Sampling(n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
+        completions = self.generator().chat(convs, sampling, seed=_derive_seed(self.recipe.seed, "perl-pref"))
+        scored = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": c.text.strip(),
+                   "score": call_reward(scorer, p["prompt"], c.text.strip(), g.scorer)}
+                  for p, per in zip(prompts, completions) for c in per]
+        pairs, stats = pairs_from_scores(scored, min_margin=g.min_margin)
+        if not pairs:
+            raise DataError(f"preferences: all {len(prompts)} prompts tied under {g.scorer}; raise generate.n or temperature")
+        return pairs, stats | {"source": f"generated, scored by {g.scorer}", "samples": len(scored),
+                               "mean_sample_score": mean([s["score"] for s in scored])}
+
+    def reward_model(self) -> str | None:
+        """Train the LoRA reward model → ``reward_model/adapter``; or use ``reward_model.path``."""
+        from alignment.perl_training import RMSpec, run_job
+
+        rm = self.recipe.reward_model
+        if rm is None:
+            return None
+        if rm.path:
+            path = str(Path(rm.path).expanduser().resolve())
+            self.log(f"reward model: using trained adapter {path}")
+            return path
+        t, stage = self.T, "reward_model"
+        inputs = {"preferences": self.store.output_hash(t, "preferences")}
+        recipe_hash = self._hash(extra=rm.model_dump(mode="json", exclude={"data", "path"}))
+        if stage_outcome(self.store, t, stage, inputs, recipe_hash, self.log) is not None:
+            return self._output(stage, "adapter")
+        rows = self.store.read_rows(t, "preferences")
+        ckpt = self.store.scratch_dir(t, stage, "checkpoints")
+        self.store.log_event("start", t=t, stage=stage, pairs=len(rows))
+        metrics: dict = {}
+
+        def build(tmp: Path) -> None:
+            train, held = tmp / "train_pairs.jsonl", tmp / "heldout_pairs.jsonl"
+            _write_jsonl(train, [r for r in rows if r["split"] == "train"], ("prompt", "chosen", "rejected"))
+            _write_jsonl(held, [r for r in rows if r["split"] == "heldout"], ("prompt", "chosen", "rejected"))
+            spec = RMSpec(base=self.base.base, train_data=str(train), heldout_data=str(held), output_dir=str(tmp),
+                          checkpoint_dir=str(ckpt / "trainer"), learning_rate=rm.learning_rate, epochs=rm.epochs,
+                          batch_size=rm.batch_size, grad_accum=rm.grad_accum, max_length=rm.max_length,
+                          save_steps=rm.save_steps, seed=self.recipe.seed, lora=rm.lora.model_dump(), crash_prefix="perl/rm")
+            metrics.update(run_job("rm", spec, launcher=self.recipe.launcher, spec_path=ckpt / "spec.json", log=self.log))
+
+        try:
+            self.store.commit_dir(t, stage, build, inputs=inputs, recipe_hash=recipe_hash,
+                                  info={"adapter": f"{stage}/adapter"})
+        except BaseException as err:
+            self.store.log_event("error", t=t, stage=stage, message=error_message(err))
+            raise
+        self.store.log_event("done", t=t, stage=stage)
+        return self._output(stage, "adapter")
+
+    def rm_metrics(self) -> dict | None:
+        rm = self.recipe.reward_model
+        if rm is None:
+            return None
+        path = Path(rm.path).expanduser() if rm.path else Path(self._output("reward_model", "adapter"))
+        f = path / "train_metrics.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def ppo(self) -> str:
+        """LoRA PPO → ``ppo/adapter`` (policy; ``adapter/value`` holds the value adapter)."""
+        from alignment.perl_training import PPOSpec, run_job
+
+        t, stage = self.T, "ppo"
+        use_rm = self.recipe.reward.source == "reward_model"
+        rm_dir = self.reward_model() if use_rm else None
+        inputs = {"prompts": self.store.output_hash(t, "prompts")}
+        if use_rm:
+            inputs["reward_model"] = sha256_file(Path(rm_dir) / "adapter_model.safetensors")
+        recipe_hash = self._hash("ppo", "reward")
+        if stage_outcome(self.store, t, stage, inputs, recipe_hash, self.log) is not None:
+            return self._output(stage, "adapter")
+        prompts = self._prompt_rows("train")
+        ckpt = self.store.scratch_dir(t, stage, "checkpoints")
+        self.store.log_event("start", t=t, stage=stage, prompts=len(prompts))
+        p = self.recipe.ppo
+        metrics: dict = {}
+
+        def build(tmp: Path) -> None:
+            data = ckpt / "ppo_prompts.jsonl"
+            _write_jsonl(data, prompts, ("prompt",))
+            spec = PPOSpec(
+                base=self.base.base, prompts=str(data), output_dir=str(tmp), checkpoint_dir=str(ckpt / "ppo"),
+                reward_adapter=rm_dir, reward_function=None if use_rm else self.recipe.reward.function,
+                steps=p.steps, batch_size=p.batch_size, grad_accum=p.grad_accum, num_mini_batches=p.num_mini_batches,
+                num_ppo_epochs=p.num_ppo_epochs, learning_rate=p.learning_rate, kl_coef=p.kl_coef,
+                kl_estimator=p.kl_estimator, cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+                gamma=p.gamma, lam=p.lam, response_length=p.response_length, temperature=p.temperature,
+                missing_eos_penalty=p.missing_eos_penalty, whiten_rewards=p.whiten_rewards, save_steps=p.save_steps,
+                seed=self.recipe.seed, lora=p.lora.model_dump(), value_lora=p.value_lora.model_dump(), crash_prefix="perl/ppo",
+            )
+            metrics.update(run_job("ppo", spec, launcher=self.recipe.launcher, spec_path=ckpt / "spec.json", log=self.log))
+
+        try:
+            self.store.commit_dir(t, stage, build, inputs=inputs, recipe_hash=recipe_hash,
+                                  info={"adapter": f"{stage}/adapter", "reward_source": self.recipe.reward.source})
+        except BaseException as err:
+            self.store.log_event("error", t=t, stage=stage, message=error_message(err))
+            raise
+        self.store.log_event("done", t=t, stage=stage)
+        curve = metrics.get("curve") or []
+        if curve:
+            self.log(f"ppo: reward {curve[0]['reward']:.4f} -> {curve[-1]['reward']:.4f}, kl {curve[-1]['kl']:.4f} "
+                     f"after {len(curve)} steps")
+        return self._output(stage, "adapter")
+
+    def ppo_metrics(self) -> dict | None:
+        f = Path(self._output("ppo", "adapter")) / "train_metrics.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def eval(self) -> dict | None:
+        """Held-out prompts answered before (initial policy) and after (PPO adapter), scored."""
+        e = self.recipe.eval
+        if not e.enabled:
+            return None
+        t, stage = self.T, "eval"
+        adapter = self._output("ppo", "adapter")
+        inputs = {"prompts": self.store.output_hash(t, "prompts"), "ppo": self.store.output_hash(t, "ppo")}
+        prompts = self._prompt_rows("heldout") or self._prompt_rows("train")
+        prompts = prompts[: e.max_prompts] if e.max_prompts else prompts
+
+        def compute():
+            sampling = Sampling(n=e.samples, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens)
+            convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+            rows = []
+            for policy, lora in (("before", None), ("after", adapter)):
+                # The same seed for both, so the only difference is the adapter.
+                out = self.generator().chat(convs, sampling, adapter=lora, seed=_derive_seed(self.recipe.seed, "perl-eval"))
+                rows += [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "policy": policy, "sample": k,
+                          "response": c.text.strip(), "length": c.n_tokens}
+                         for p, per in zip(prompts, out) for k, c in enumerate(per)]
+            self.close()
+            rewards = self._rewards([r["prompt"] for r in rows], [r["response"] for r in rows])
+            scorer = load_reward_function(e.scorer) if e.scorer else None
+            for r, reward in zip(rows, rewards):
+                r["reward"] = reward
+                r["scorer"] = call_reward(scorer, r["prompt"], r["response"], e.scorer) if scorer else None
+            return rows, eval_summary(rows) | {"scorer": e.scorer, "reward_source": self.recipe.reward.source,
+                                                "heldout": bool(self._prompt_rows("heldout"))}
+
+        run_table_stage(self.store, t, stage, inputs=inputs, recipe_hash=self._hash("eval", "reward"), compute=compute,
+                        log=self.log)
+        info = self.store.manifest(t, stage)["info"]
+        self.log(f"eval: reward {_fmt(info['reward_before'])} -> {_fmt(info['reward_after'])}"
+                 + (f", {e.scorer} {_fmt(info['scorer_before'])} -> {_fmt(info['scorer_after'])}" if e.scorer else "")
+                 + f" on {info['prompts']} held-out prompts")
+        return info
+
+    def _rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.recipe.reward.source == "function":
+            fn = load_reward_function(self.recipe.reward.function)
+            return [call_reward(fn, p, r, self.recipe.reward.function) for p, r in zip(prompts, responses)]
+        from alignment.perl_training import load_reward_model, load_tokenizer, rm_scores
+
+        tok = load_tokenizer(self.base.base)
+        model = load_reward_model(self.base.base, self.reward_model(), tok)
+        return rm_scores(model, tok, prompts, responses, max_length=self.recipe.reward_model.max_length)
+
+    # ---- reporting ---------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Everything the artifacts show, written to ``iter_1/metrics.json``."""
+        rm = self.rm_metrics()
+        ppo = self.ppo_metrics()
+        ev = self.store.manifest(self.T, "eval")
+        out = {
+            "iteration": self.T, "model": self.base.base,
+            "prompts": self.store.manifest(self.T, "prompts")["info"],
+            "preferences": (self.store.manifest(self.T, "preferences") or {}).get("info"),
+            "reward_model": None if rm is None else {k: rm.get(k) for k in (
+                "pairs", "heldout_pairs", "steps", "train_loss", "heldout_accuracy_before", "heldout_accuracy", "trainable", "curve")},
+            "ppo": None if ppo is None else {k: ppo.get(k) for k in (
+                "steps", "reward_source", "trainable_policy", "trainable_value", "curve")},
+            "eval": ev["info"] if ev else None,
+        }
+        self.store.write_json(self.T, "metrics.json", out)
+        return out
+
+    def samples(self, limit: int = 20) -> list[dict]:
+        """Before/after generations side by side (first sample per held-out prompt)."""
+        if self.store.manifest(self.T, "eval") is None:
+            return []
+        rows = [r for r in self.store.read_rows(self.T, "eval") if r["sample"] == 0]
+        by = {}
+        for r in rows:
+            by.setdefault(r["prompt_id"], {"prompt": r["prompt"]})[r["policy"]] = r
+        out = []
+        for item in list(by.values())[:limit]:
+            b, a = item.get("before", {}), item.get("after", {})
+            out.append({"prompt": item["prompt"][:200], "before": b.get("response", "")[:300], "reward_before": b.get("reward"),
+                        "scorer_before": b.get("scorer"), "after": a.get("response", "")[:300],
+                        "reward_after": a.get("reward"), "scorer_after": a.get("scorer")})
+        return out
+
+    def run(self) -> dict:
+        """All stages in order (the flow does the same, one task per stage)."""
+        self.prompts()
+        self.preferences()
+        self.close()
+        self.reward_model()
+        self.ppo()
+        self.eval()
+        return self.metrics()
+
+
+def eval_summary(rows: Sequence[dict]) -> dict:
+    """Mean reward / scorer score of the before and after generations, and the after-minus-before gain."""
+    out: dict = {"prompts": len({r["prompt_id"] for r in rows}), "samples": len(rows)}
+    for key in ("reward", "scorer"):
+        for policy in ("before", "after"):
+            out[f"{key}_{policy}"] = mean([r[key] for r in rows if r["policy"] == policy])
+        b, a = out[f"{key}_before"], out[f"{key}_after"]
+        out[f"{key}_gain"] = None if a is None or b is None else a - b
+    for policy in ("before", "after"):
+        out[f"length_{policy}"] = mean([r["length"] for r in rows if r["policy"] == policy])
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict], keys: Sequence[str]) -> None:
+    path.write_text("".join(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+__all__ = ["PerlRun", "RewardFunctionError", "load_reward_function", "call_reward", "as_reward", "to_preference_rows",
+           "load_preferences", "pairs_from_run", "split_by_prompt", "pairs_from_scores", "check_rm_adapter",
+           "eval_summary", "StoreError"]

@@ -1,0 +1,146 @@
+"""Prefect flow ``perl``: prompts → preferences → LoRA reward model → LoRA PPO → before/after eval.
+
+Tasks are three-line wrappers of ``PerlRun`` methods and pass paths and hashes, not datasets.
+Caching is off (``NO_CACHE``): the run directory's manifests say what is done, so a resume (same
+command, or ``selfalign resume RUN``) skips finished stages, and PPO continues from its last
+checkpoint. Artifacts: the reward model's held-out accuracy and trainable share, the PPO reward
+and KL curves per step, and sample generations of the initial and the PPO policy side by side.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from alignment.perl import PerlRun
+from flows.common import _key, open_run
+
+TASK = dict(cache_policy=NO_CACHE, retries=0)
+
+
+@task(name="prompts", **TASK)
+def prompts_task(run: PerlRun) -> str:
+    return run.prompts()
+
+
+@task(name="preferences", **TASK)
+def preferences_task(run: PerlRun) -> str | None:
+    return run.preferences()
+
+
+@task(name="reward_model", **TASK)
+def reward_model_task(run: PerlRun) -> str | None:
+    return run.reward_model()
+
+
+@task(name="ppo", **TASK)
+def ppo_task(run: PerlRun) -> str:
+    return run.ppo()
+
+
+@task(name="eval", **TASK)
+def eval_task(run: PerlRun) -> dict | None:
+    return run.eval()
+
+
+def _f(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def summary_markdown(m: dict) -> str:
+    lines = [f"# PERL run: {m['model']}", ""]
+    rm = m.get("reward_model")
+    if rm:
+        tr = rm.get("trainable") or {}
+        acc_b, acc = rm.get("heldout_accuracy_before"), rm.get("heldout_accuracy")
+        lines += ["## Reward model (LoRA)", "",
+                  f"- pairs: {rm.get('pairs')} train, {rm.get('heldout_pairs')} held out; {rm.get('steps')} steps, "
+                  f"final train loss {_f(rm.get('train_loss'), 4)}",
+                  f"- **held-out pairwise accuracy: {_pct(acc_b)} (untrained head) → {_pct(acc)}**",
+                  f"- trainable parameters: {tr.get('trainable', 0):,} of {tr.get('total', 0):,} "
+                  f"({100 * (tr.get('share') or 0):.3f}%)", ""]
+    ppo = m.get("ppo")
+    if ppo:
+        curve = ppo.get("curve") or []
+        tp = ppo.get("trainable_policy") or {}
+        lines += ["## PPO (LoRA policy and value)", "",
+                  f"- reward source: {ppo.get('reward_source')}; {ppo.get('steps')} steps",
+                  f"- trainable policy parameters: {tp.get('trainable', 0):,} of {tp.get('total', 0):,} "
+                  f"({100 * (tp.get('share') or 0):.3f}%)"]
+        if curve:
+            lines.append(f"- reward per rollout {_f(curve[0].get('reward'))} → {_f(curve[-1].get('reward'))}; "
+                         f"KL to the initial policy {_f(curve[-1].get('kl'))} at the last step")
+        lines.append("")
+    ev = m.get("eval")
+    if ev:
+        lines += ["## Held-out prompts, initial policy vs PPO policy", "",
+                  "| | before | after | gain |", "|---|---|---|---|",
+                  f"| reward | {_f(ev.get('reward_before'))} | {_f(ev.get('reward_after'))} | {_f(ev.get('reward_gain'))} |"]
+        if ev.get("scorer"):
+            lines.append(f"| {ev['scorer']} | {_f(ev.get('scorer_before'))} | {_f(ev.get('scorer_after'))} | "
+                         f"{_f(ev.get('scorer_gain'))} |")
+        lines.append(f"| length (tokens) | {_f(ev.get('length_before'), 1)} | {_f(ev.get('length_after'), 1)} | |")
+        lines.append(f"\n{ev.get('prompts')} prompts ({'held out' if ev.get('heldout') else 'training prompts: none held out'}).")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def publish(run: PerlRun, metrics: dict) -> None:
+    name = run.store.run_info().get("name", run.store.root.name)
+    create_markdown_artifact(key=_key(name, "perl", "summary"), markdown=summary_markdown(metrics),
+                             description="PERL: reward-model accuracy, PPO curve ends, before/after eval")
+    curve = (metrics.get("ppo") or {}).get("curve") or []
+    if curve:
+        cols = ("step", "reward", "kl", "rlhf_reward", "policy_loss", "value_loss", "entropy")
+        create_table_artifact(key=_key(name, "perl", "ppo-curve"), table=[{k: p.get(k) for k in cols} for p in curve],
+                              description="PPO per step: mean reward (RM or function), KL to the initial policy, losses")
+    rm_curve = (metrics.get("reward_model") or {}).get("curve") or []
+    if rm_curve:
+        create_table_artifact(key=_key(name, "perl", "rm-curve"), table=rm_curve,
+                              description="reward-model training: loss and batch pairwise accuracy per step")
+    samples = run.samples()
+    if samples:
+        create_table_artifact(key=_key(name, "perl", "samples"), table=samples,
+                              description="held-out prompts: initial policy (before) vs PPO policy (after)")
+
+
+@flow(name="perl", log_prints=True)
+def perl_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """PERL (Sidahmed et al., 2024): train a LoRA reward model on preference pairs, then PPO in which
+    only LoRA adapters (policy, value) are trained, with KL to the initial policy.
+
+    ``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``.
+    """
+    logger = get_run_logger()
+    store, recipe = open_run(run_dir, recipe_path, overrides or [])
+    with store.lock():
+        run = PerlRun(store, recipe, log=logger.info)
+        try:
+            prompts_task(run)          # PPO prompts / held-out eval prompts
+            preferences_task(run)      # pairs for the RM (file, run dir, or own samples scored)
+            run.close()                # training needs the memory more than the engine
+            reward_model_task(run)     # LoRA RM, held-out pairwise accuracy
+            ppo_task(run)              # LoRA PPO, KL to the base with adapters off
+            eval_task(run)             # held-out: before vs after
+            metrics = run.metrics()
+            publish(run, metrics)
+        finally:
+            run.close()
+    store.log_event("flow_done")
+    result = {"run_dir": str(store.root), "adapter": str(store.stage_dir(1, "ppo") / "adapter")}
+    rm = metrics.get("reward_model")
+    if rm:
+        result["reward model held-out accuracy"] = rm.get("heldout_accuracy")
+    curve = (metrics.get("ppo") or {}).get("curve") or []
+    if curve:
+        result["ppo reward first -> last"] = f"{curve[0]['reward']:.4f} -> {curve[-1]['reward']:.4f} (kl {curve[-1]['kl']:.4f})"
+    ev = metrics.get("eval")
+    if ev:
+        result["eval reward before -> after"] = f"{_f(ev.get('reward_before'))} -> {_f(ev.get('reward_after'))}"
+        if ev.get("scorer"):
+            result[f"eval {ev['scorer']} before -> after"] = f"{_f(ev.get('scorer_before'))} -> {_f(ev.get('scorer_after'))}"
+    return result

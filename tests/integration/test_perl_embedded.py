@@ -1,0 +1,60 @@
+"""The tiny PERL recipe end to end through the real CLI, Prefect, TRL (RM + PPO), vLLM (CPU) and the embedded model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from alignment.store import RunStore
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="selfalign-prefect-")
+# A few minutes on 2 cores: 24 prompts (3 held out), 24 pairs, 3 PPO steps of 4 prompts, short answers.
+SHRINK = ["--set", f"reward_model.data.source={REPO / 'data' / 'tiny_preferences.jsonl'}",
+          "--set", "prompts.limit=24", "--set", "reward_model.data.limit=24", "--set", "ppo.steps=3",
+          "--set", "ppo.response_length=16", "--set", "eval.max_tokens=16"]
+
+
+def _selfalign(*args, timeout=1500):
+    env = dict(os.environ, PREFECT_HOME=os.environ.get("PREFECT_HOME") or _PREFECT_HOME)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def perl_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("perl") / "run"
+    proc = _selfalign("run", "recipes/tiny-perl.yaml", "--run-dir", str(run_dir), *SHRINK)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return RunStore.open(run_dir), proc.stdout + proc.stderr
+
+
+def test_lora_reward_model_and_lora_ppo(perl_run):
+    store, _ = perl_run
+    metrics = json.loads((store.root / "iter_1" / "metrics.json").read_text())
+    rm = metrics["reward_model"]
+    assert rm["heldout_pairs"] > 0 and rm["heldout_accuracy"] is not None
+    assert 0 < rm["trainable"]["share"] < 0.02  # LoRA on q/k/v/o + the score head of a 135M model
+    ppo = metrics["ppo"]
+    assert [p["step"] for p in ppo["curve"]] == [1, 2, 3] and 0 < ppo["trainable_policy"]["share"] < 0.02
+    assert all(math.isfinite(p["reward"]) and math.isfinite(p["kl"]) for p in ppo["curve"])
+    adapter = store.root / "iter_1" / "ppo" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    ev = metrics["eval"]
+    assert ev["prompts"] == 3 and ev["reward_before"] is not None and ev["reward_after"] is not None
+
+
+def test_resume_skips_every_stage(perl_run):
+    store, _ = perl_run
+    proc = _selfalign("resume", str(store.root))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    skipped = {e["stage"] for e in store.events() if e["event"] == "skip"}
+    assert {"prompts", "preferences", "reward_model", "ppo", "eval"} <= skipped

@@ -1,0 +1,363 @@
+"""PERL: reward functions, preference data, splits, trainable share, RM + PPO on the tiny model, the flow."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.config import RecipeError, load_recipe, parse_recipe
+from alignment.data import DataError
+from alignment.models import ModelError
+from alignment.perl import (
+    RewardFunctionError,
+    call_reward,
+    check_rm_adapter,
+    eval_summary,
+    load_reward_function,
+    pairs_from_run,
+    pairs_from_scores,
+    split_by_prompt,
+    to_preference_rows,
+)
+from alignment.perl_training import choose_pad_token, trainable_share
+
+REWARDS = '''
+import math
+def good(prompt, response):
+    return len(response) / 10
+def as_int(prompt, response):
+    return 3
+def as_text(prompt, response):
+    return "0.5"
+def as_nan(prompt, response):
+    return math.nan
+def as_bool(prompt, response):
+    return True
+def boom(prompt, response):
+    raise RuntimeError("API down")
+not_callable = 4
+'''
+
+
+@pytest.fixture
+def rewards_file(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_rewards", None)
+    return path
+
+
+# ------------------------------------------------------------------------------ reward functions
+def test_reward_function_loads_from_module_and_file(rewards_file):
+    assert load_reward_function("my_rewards:good", probe=True)("p", "abcde") == 0.5
+    fn = load_reward_function(f"{rewards_file}:good", probe=True)
+    assert call_reward(fn, "p", "0123456789") == 1.0
+    assert call_reward(load_reward_function("my_rewards:as_int"), "p", "r") == 3.0  # ints are numbers
+    assert load_reward_function("alignment.rewards.vader:reward", probe=True)("p", "I love this, wonderful!") > 0.5
+
+
+@pytest.mark.parametrize("path, message", [
+    ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
+    ("my_rewards:missing", "has no attribute 'missing'"),
+    ("my_rewards:not_callable", "is not callable"),
+    ("my_rewards", "expected 'module:function'"),
+    ("/nope/rewards.py:f", "not found"),
+    ("my_rewards:as_text", "returned str '0.5'; expected a float"),
+    ("my_rewards:as_nan", "expected a finite float"),
+    ("my_rewards:as_bool", "returned bool"),
+    ("my_rewards:boom", "raised RuntimeError: API down"),
+])
+def test_reward_function_errors_name_the_problem(rewards_file, path, message):
+    with pytest.raises(RewardFunctionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_reward_function(path, probe=True)
+
+
+def test_numpy_and_torch_scalars_are_floats():
+    import numpy as np
+    import torch
+
+    assert call_reward(lambda p, r: np.float32(0.25), "p", "r") == 0.25
+    assert call_reward(lambda p, r: torch.tensor(0.5), "p", "r") == 0.5
+    with pytest.raises(RewardFunctionError):
+        call_reward(lambda p, r: [1.0], "p", "r")
+
+
+# ------------------------------------------------------------------------------ preference data
+def test_preference_rows_from_strings_and_conversations():
+    records = [
+        {"prompt": "Q1?", "chosen": "good", "rejected": "bad", "__line__": 1},
+        {"prompt": [{"role": "user", "content": "Q2?"}], "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]},
+        # TRL implicit prompt: whole conversations
+        {"chosen": [{"role": "user", "content": "Q3?"}, {"role": "assistant", "content": "A"}],
+         "rejected": [{"role": "user", "content": "Q3?"}, {"role": "assistant", "content": "B"}]},
+    ]
+    rows = to_preference_rows(records, source="f.jsonl")
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("Q1?", "good", "bad"), ("Q2?", "yes", "no"),
+                                                                         ("Q3?", "A", "B")]
+    assert rows[0]["prompt_id"] != rows[1]["prompt_id"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "q", "rejected": "b"}, "f.jsonl:7: missing field 'chosen'"),
+    ({"prompt": "q", "chosen": "a", "rejected": None}, "f.jsonl:7: missing field 'rejected'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "  "}, "field 'rejected' is empty"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "are identical"),
+    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "must be text or a list of chat messages"),
+])
+def test_bad_preference_rows_name_file_and_line(record, message):
+    with pytest.raises(DataError, match=message):
+        to_preference_rows([record | {"__line__": 7}], source="f.jsonl")
+
+
+def test_preflight_rejects_bad_preference_file_before_the_run_dir_exists(tmp_path, tiny_model_dir, prompts_file):
+    from alignment.runs import open_run
+
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q2", "chosen": "a"}\n')
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, prompts_file, bad)
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: missing field 'rejected'"):
+        open_run(tmp_path / "run", recipe, [])
+    assert not (tmp_path / "run").exists()
+
+
+def test_preflight_rejects_bad_reward_function(tmp_path, tiny_model_dir, prompts_file, rewards_file):
+    from alignment.runs import open_run
+
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, prompts_file, None,
+                           **{"reward.source": "function", "reward.function": "my_rewards:as_text"})
+    with pytest.raises(RewardFunctionError, match="expected a float"):
+        open_run(tmp_path / "run", recipe, [])
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_validation_messages(tmp_path):
+    base = {"algorithm": "perl", "prompts": {"source": "p.jsonl"}}
+    with pytest.raises(RecipeError, match="reward.source 'reward_model' needs a reward_model section"):
+        parse_recipe(base)
+    with pytest.raises(RecipeError, match="field reward: .*needs reward.function"):
+        parse_recipe(base | {"reward": {"source": "function"}})
+    with pytest.raises(RecipeError, match="exactly one of source"):
+        parse_recipe(base | {"reward_model": {"data": {"source": "x.jsonl", "generate": {"scorer": "a:b"}}}})
+    with pytest.raises(RecipeError, match="multiple of num_mini_batches"):
+        parse_recipe(base | {"reward_model": {"data": {"source": "x"}}, "ppo": {"batch_size": 3, "num_mini_batches": 2}})
+    ok = parse_recipe(base | {"reward": {"source": "function", "function": "m:f"}})
+    assert ok.iterations == 1 and ok.STAGES == ["prompts", "preferences", "reward_model", "ppo", "eval"]
+
+
+def test_shipped_perl_recipes_load():
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    for name in ("tiny-perl", "paper-perl", "vader-sentiment-perl"):
+        recipe, _ = load_recipe(root / f"{name}.yaml")
+        assert recipe.algorithm == "perl"
+
+
+def test_split_by_prompt_is_deterministic_and_groups_prompts():
+    rows = [{"prompt_id": f"p{i % 10}", "i": i} for i in range(30)]
+    train, held = split_by_prompt(rows, 0.2, seed=0)
+    assert len({r["prompt_id"] for r in held}) == 2 and len(train) + len(held) == 30
+    assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in held}
+    assert split_by_prompt(list(reversed(rows)), 0.2, seed=0)[1] == list(reversed(held))
+    assert split_by_prompt(rows, 0.0) == (rows, [])
+    assert split_by_prompt(rows[:1], 0.5) == (rows[:1], [])
+
+
+def test_pairs_from_scores_hand_computed():
+    rows = [
+        {"prompt_id": "a", "prompt": "A", "response": "x", "score": 0.1},
+        {"prompt_id": "a", "prompt": "A", "response": "y", "score": 0.9},
+        {"prompt_id": "a", "prompt": "A", "response": "z", "score": -0.4},
+        {"prompt_id": "b", "prompt": "B", "response": "u", "score": 0.0},
+        {"prompt_id": "b", "prompt": "B", "response": "v", "score": 0.0},
+    ]
+    pairs, stats = pairs_from_scores(rows)
+    assert pairs == [{"prompt_id": "a", "prompt": "A", "chosen": "y", "rejected": "z", "chosen_score": 0.9,
+                      "rejected_score": -0.4}]
+    assert stats == {"prompts": 2, "pairs": 1, "ties": 1}
+    assert pairs_from_scores(rows, min_margin=2.0)[0] == []
+
+
+def test_eval_summary():
+    rows = [{"prompt_id": "a", "policy": "before", "reward": 1.0, "scorer": 0.0, "length": 4},
+            {"prompt_id": "a", "policy": "after", "reward": 2.0, "scorer": 0.5, "length": 6},
+            {"prompt_id": "b", "policy": "after", "reward": 4.0, "scorer": None, "length": 2}]
+    s = eval_summary(rows)
+    assert (s["reward_before"], s["reward_after"], s["reward_gain"]) == (1.0, 3.0, 2.0)
+    assert (s["scorer_after"], s["scorer_gain"], s["prompts"]) == (0.5, 0.5, 2)
+
+
+def test_pairs_from_run_applies_review_corrections(tmp_path):
+    from alignment.corrections import add_correction
+    from alignment.store import RunStore
+
+    store = RunStore.create(tmp_path / "sr", recipe={"algorithm": "self-rewarding"}, algorithm="self-rewarding")
+    judge = [{"prompt_id": pid, "prompt": pid, "response_index": k, "response": f"{pid}{k}", "length": 1,
+              "judgments": ["j"], "scores": [float(k)], "mean_score": float(k)} for pid in ("p1", "p2") for k in (0, 1)]
+    store.write_rows(1, "judge", judge, inputs={}, recipe_hash="x")
+    pairs = [{"prompt_id": pid, "prompt": f"question {pid}", "chosen": f"{pid}1", "rejected": f"{pid}0"} for pid in ("p1", "p2")]
+    store.write_rows(1, "pairs", pairs, inputs={}, recipe_hash="x")
+    add_correction(store, {"iteration": 1, "action": "exclude_pair", "prompt_id": "p1"})
+    add_correction(store, {"iteration": 1, "action": "swap", "prompt_id": "p2"})
+    rows, info = pairs_from_run(str(store.root))
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("question p2", "p20", "p21")]
+    assert info["iteration"] == 1 and info["corrections_applied"] == 2
+    with pytest.raises(DataError, match="iteration 2 has no complete pairs stage"):
+        pairs_from_run(str(store.root), 2)
+
+
+# ------------------------------------------------------------------------------ models
+def test_trainable_share_hand_computed():
+    import torch.nn as nn
+
+    m = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 1))  # 110 + 11 parameters
+    m[0].requires_grad_(False)
+    assert trainable_share(m) == {"trainable": 11, "total": 121, "share": 11 / 121}
+
+
+def test_lora_share_is_small(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+    share = trainable_share(model)
+    # q,o: 32x32; k,v: 32x16 (2 KV heads of 8); LoRA r=8 adds r*(in+out) per matrix, 2 layers.
+    assert share["trainable"] == 2 * 8 * ((32 + 32) * 2 + (32 + 16) * 2)
+    assert share["share"] < 0.01
+
+
+def test_pad_token_is_not_eos_nor_in_the_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tok.pad_token == tok.eos_token  # the problem (SmolLM2)
+    pad = choose_pad_token(tok)
+    assert pad != tok.eos_token and pad not in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+
+
+def test_rm_adapter_from_another_base_is_refused(tmp_path, tiny_model_dir):
+    adapter = tmp_path / "rm"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/other-model", "task_type": "SEQ_CLS"}))
+    with pytest.raises(ModelError, match="trained on base model 'org/other-model'"):
+        check_rm_adapter(str(adapter), str(tiny_model_dir))
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir), "task_type": "CAUSAL_LM"}))
+    with pytest.raises(ModelError, match="expected SEQ_CLS"):
+        check_rm_adapter(str(adapter), str(tiny_model_dir))
+    with pytest.raises(ModelError, match="not a PEFT adapter"):
+        check_rm_adapter(str(tmp_path), str(tiny_model_dir))
+
+
+# ------------------------------------------------------------------------------ training (tiny model)
+def _pairs(path: Path, n: int, offset: int = 0) -> Path:
+    good, bad = ["Sure, here is a clear answer.", "Happy to help with that."], ["no.", "whatever"]
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": good[i % 2], "rejected": bad[i % 2]}) + "\n"
+                            for i in range(offset, offset + n)))
+    return path
+
+
+def test_reward_model_then_ppo_on_tiny_model(tmp_path, tiny_model_dir, rewards_file):
+    from alignment.perl_training import PPOSpec, RMSpec, train_ppo, train_reward_model
+
+    rm = train_reward_model(RMSpec(
+        base=str(tiny_model_dir), train_data=str(_pairs(tmp_path / "t.jsonl", 8)),
+        heldout_data=str(_pairs(tmp_path / "h.jsonl", 4, 100)), output_dir=str(tmp_path / "rm"),
+        checkpoint_dir=str(tmp_path / "rmck"), batch_size=4, max_length=64, learning_rate=1e-3, save_steps=1))
+    assert rm["steps"] == 2 and 0 < rm["trainable"]["share"] < 0.01 and rm["heldout_pairs"] == 4
+    assert rm["heldout_accuracy"] is not None and 0 <= rm["heldout_accuracy"] <= 1
+    assert json.loads((tmp_path / "rm" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {i}."}) + "\n" for i in range(4)))
+    common = dict(base=str(tiny_model_dir), prompts=str(prompts), steps=2, batch_size=2, num_ppo_epochs=1,
+                  response_length=6, save_steps=1)
+    out = train_ppo(PPOSpec(**common, output_dir=str(tmp_path / "ppo"), checkpoint_dir=str(tmp_path / "ppock"),
+                            reward_adapter=str(tmp_path / "rm")))
+    assert [p["step"] for p in out["curve"]] == [1, 2] and out["trainable_policy"]["share"] < 0.01
+    assert all(math.isfinite(p["reward"]) and math.isfinite(p["kl"]) for p in out["curve"])
+    assert abs(out["curve"][0]["kl"]) < 1e-3  # step 1 samples from the initial policy: KL to it is ~0
+    assert (tmp_path / "ppo" / "adapter_model.safetensors").is_file() and (tmp_path / "ppo" / "value").is_dir()
+
+    # A reward function in place of the RM: the score it returns is what PPO sees.
+    fn = train_ppo(PPOSpec(**common, output_dir=str(tmp_path / "ppof"), checkpoint_dir=str(tmp_path / "ppofck"),
+                           reward_function="my_rewards:as_int"))
+    assert [p["reward"] for p in fn["curve"]] == [3.0, 3.0]
+
+    # Resume: the job left its step-1 checkpoint (save_steps=1); the same job again resumes there
+    # and runs only step 2, continuing the curve (what a killed PPO stage does on `selfalign resume`).
+    assert (tmp_path / "ppofck" / "step-1" / "policy" / "adapter_model.safetensors").is_file()
+    again = train_ppo(PPOSpec(**common, output_dir=str(tmp_path / "ppof2"), checkpoint_dir=str(tmp_path / "ppofck"),
+                              reward_function="my_rewards:as_int"))
+    assert again["resumed_from"].endswith("step-1") and [p["step"] for p in again["curve"]] == [1, 2]
+    assert len(again["step_seconds"]) == 1
+
+
+def test_function_reward_splits_query_and_response(tiny_model_dir):
+    import torch
+
+    from alignment.perl_training import _tokenize_prompts, function_reward_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir), padding_side="left")
+    prompts = ["Hello there?", "A longer question about things?"]
+    queries = _tokenize_prompts(tok, prompts)
+    seen = []
+    model = function_reward_model(lambda p, r: seen.append((p, r)) or float(len(r)), tok, queries, prompts)
+    resp = tok("Fine, thanks.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    width = max(len(q) for q in queries)
+    rows = [[tok.pad_token_id] * (width - len(q)) + q + resp + [tok.pad_token_id] for q in queries]
+    ids = torch.tensor(rows)
+    mask = ids != tok.pad_token_id
+    out = model.backbone(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask)
+    assert seen == [("Hello there?", "Fine, thanks."), ("A longer question about things?", "Fine, thanks.")]
+    assert out.hidden_states[-1].shape == (2, ids.shape[1], 1) and float(out.hidden_states[-1][0, -1, 0]) == len("Fine, thanks.")
+
+
+# ------------------------------------------------------------------------------ the flow
+def _write_recipe(path: Path, model, prompts: Path, prefs: Path | None, **overrides) -> Path:
+    from alignment.config import apply_overrides
+
+    data = {
+        "algorithm": "perl", "name": "test-perl", "model": str(model), "seed": 0,
+        "prompts": {"source": str(prompts), "heldout_fraction": 0.25},
+        "reward_model": {"data": {"source": str(prefs), "heldout_fraction": 0.25}, "batch_size": 2, "max_length": 64,
+                         "learning_rate": 1e-3, "save_steps": 1} if prefs else None,
+        "ppo": {"steps": 2, "batch_size": 2, "num_ppo_epochs": 1, "response_length": 6, "save_steps": 1},
+        "eval": {"max_tokens": 6, "max_prompts": 2},
+        "launcher": "inprocess",
+        "engine": {"backend": "transformers"},
+    }
+    if prefs is None:
+        del data["reward_model"]
+    data = apply_overrides(data, [f"{k}={v}" for k, v in overrides.items()])
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_perl_flow_end_to_end_and_resume(tmp_path, tiny_model_dir, prompts_file, prefect_harness):
+    from flows.perl import perl_flow
+    from alignment.store import RunStore
+
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, prompts_file, _pairs(tmp_path / "prefs.jsonl", 8))
+    run_dir = tmp_path / "run"
+    result = perl_flow(str(run_dir), str(recipe))
+    assert list(result)[0] == "run_dir" and Path(result["adapter"], "adapter_model.safetensors").is_file()
+    store = RunStore.open(run_dir)
+    for stage in ("prompts", "preferences", "reward_model", "ppo", "eval"):
+        assert store.manifest(1, stage) is not None, stage
+    metrics = json.loads((run_dir / "iter_1" / "metrics.json").read_text())
+    assert metrics["reward_model"]["heldout_pairs"] == 2 and len(metrics["ppo"]["curve"]) == 2
+    ev = metrics["eval"]
+    assert ev["prompts"] == 1 and ev["reward_before"] is not None and ev["reward_after"] is not None
+    rows = store.read_rows(1, "eval")
+    assert {r["policy"] for r in rows} == {"before", "after"}
+
+    perl_flow(str(run_dir))  # resume with the stored recipe: everything is done
+    skipped = [e["stage"] for e in store.events() if e["event"] == "skip"]
+    assert {"prompts", "preferences", "reward_model", "ppo", "eval"} <= set(skipped)
