@@ -6,7 +6,6 @@ The end-to-end kill/resume cycle is tests/integration/test_fault_injection.py.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
