@@ -115,3 +115,51 @@ def test_filter_ties_and_correct_in_browser(server, page, run):
     assert "<script>" not in page.locator("[data-prompt-id='p-xss'] .resp").first.inner_html()
     assert page.locator("[data-prompt-id='p-xss'] .resp .text").first.inner_text() == "<script>alert('x')</script>"
     page.screenshot(path=str(ARTIFACTS / "review.png"), full_page=True)
+
+
+def test_correction_on_a_real_run_is_used_by_the_next_training(tmp_path, tiny_model_dir, page):
+    """A run directory made by the Self-Rewarding stages (tiny recipe shape, tiny model): filter to
+    ties, exclude a pair in the browser, then the train stage trains without it and records it."""
+    from alignment.config import load_recipe
+    from alignment.self_rewarding import SelfRewardingRun
+    from tests.conftest import write_recipe
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Tell me about topic {i}."}}\n' for i in range(6)))
+    recipe, data = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), prompts, **{"generation.n": 3}))
+    store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
+    run = SelfRewardingRun(store, recipe, log=lambda _: None)
+    for stage in ("prompts", "generate", "judge", "pairs"):
+        getattr(run, stage)(1)
+    pairs = store.read_rows(1, "pairs")
+    ties = store.manifest(1, "pairs")["info"]["ties"]
+    assert pairs, "the tiny model should give some non-tied prompts"
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(store.root), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        page.goto(f"{base}/iter/1?show=ties")
+        assert page.locator(".card.prompt").count() == ties
+        target = pairs[0]["prompt_id"]
+        page.goto(f"{base}/iter/1")
+        card = page.locator(f".card.prompt[data-prompt-id='{target}']")
+        card.locator("button:has-text('exclude pair')").click()
+        page.wait_for_load_state()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "review-real-run.png"), full_page=True)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+    records = [json.loads(line) for line in (store.root / CORRECTIONS_FILE).read_text().splitlines()]
+    assert [(r["action"], r["prompt_id"]) for r in records] == [("exclude_pair", target)]
+    run.train(1)
+    info = store.manifest(1, "train")["info"]
+    assert info["corrections"] == [records[0]["id"]]
+    trained = [json.loads(line) for line in (store.root / info["adapter"] / "train_pairs.jsonl").read_text().splitlines()]
+    assert len(trained) == len(pairs) - 1 and pairs[0]["prompt"] not in [p["prompt"] for p in trained]
