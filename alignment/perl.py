@@ -25,16 +25,17 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from alignment.data import DataError, load_prompts, prompt_id, read_records
-from alignment.generation import EngineSpec, Generator, Sampling, _derive_seed, open_generator
-from alignment.models import ModelError, ResolvedModel, resolve
+from alignment.generation import Sampling, _derive_seed
+from alignment.iterative import IterativeRun
+from alignment.models import ModelError, resolve
 from alignment.perl_config import PerlRecipe, PreferenceDataConfig
 from alignment.perl_training import trainable_share  # noqa: F401  (pure; re-exported)
-from alignment.stages import Log, error_message, run_table_stage, stage_outcome
+from alignment.stages import error_message, run_table_stage, stage_outcome
 from alignment.store import RunStore, StoreError, hash_obj, sha256_file
 
 STAGES = PerlRecipe.STAGES
@@ -279,49 +280,22 @@ def mean(values: Sequence[float | None]) -> float | None:
 
 # ------------------------------------------------------------------------------ the run
 @dataclass
-class PerlRun:
-    store: RunStore
+class PerlRun(IterativeRun):
+    """PERL's stages over the run directory; one iteration (everything lives in ``iter_1``)."""
+
     recipe: PerlRecipe
-    log: Log = print
-    _generator: Generator | None = field(default=None, repr=False)
-    _base: ResolvedModel | None = field(default=None, repr=False)
 
-    T = 1  # PERL is one iteration: everything lives in iter_1
+    T = 1
 
-    @property
-    def base(self) -> ResolvedModel:
-        if self._base is None:
-            self._base = resolve(self.recipe.model)
-        return self._base
+    def needs_lora(self) -> bool:
+        return True  # the eval stage serves the PPO adapter
 
-    def generator(self) -> Generator:
-        if self._generator is None:
-            from alignment.self_rewarding import lora_rank_slot
-
-            e = self.recipe.engine
-            spec = EngineSpec(
-                base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
-                max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
-                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                enable_lora=True, max_lora_rank=lora_rank_slot(self.recipe.ppo.lora.r), batch_size=e.batch_size,
-            )
-            self.log(f"starting {e.backend} engine for {self.base.base}")
-            self._generator = open_generator(spec)
-            self.log(f"engine ready ({self._generator.backend})")
-        return self._generator
-
-    def close(self) -> None:
-        """Release the generation engine (before training: frees its memory for the trainer)."""
-        if self._generator is not None:
-            self._generator.close()
-            self._generator = None
+    def lora_rank(self) -> int:
+        return self.recipe.ppo.lora.r
 
     def _hash(self, *names: str, **extra) -> str:
         data = self.recipe.model_dump(mode="json")
         return hash_obj({n: data[n] for n in names} | {"model": data["model"], "seed": data["seed"]} | extra)
-
-    def _rel(self, path: str | Path) -> str:
-        return Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
 
     def _source_hash(self, source: str) -> str:
         p = Path(source).expanduser()

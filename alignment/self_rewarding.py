@@ -23,7 +23,7 @@ from alignment.faults import crash_point
 from alignment.generation import Sampling, _derive_seed
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
-from alignment.iterative import IterativeRun, lora_rank_slot  # noqa: F401  (lora_rank_slot re-exported)
+from alignment.iterative import IterativeRun
 from alignment.pairs import build_pairs, tie_rate
 from alignment.stages import error_message, run_sharded, run_table_stage, shard_key, stage_outcome
 from alignment.store import sha256_file
