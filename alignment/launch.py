@@ -29,10 +29,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 def run_dpo(spec: DPOSpec, *, launcher: str, spec_path: Path, log=print) -> dict:
     if launcher == "inprocess":
         return train_dpo(spec)
+    return run_subprocess("alignment.training", "dpo", spec, spec_path=spec_path, log=log)
+
+
+def run_subprocess(module: str, job: str, spec, *, spec_path: Path, log=print) -> dict:
+    """Run ``python -m MODULE JOB SPEC.json`` (or ``$SELFALIGN_TRAIN_LAUNCHER -m ...``, e.g.
+    ``accelerate launch -m``), stream its ``[train]`` lines to ``log``, and return the
+    ``train_metrics.json`` it leaves in ``spec.output_dir``. The child dies with this process."""
     spec_path.write_text(json.dumps(asdict(spec), indent=1))
-    cmd = os.environ.get("SELFALIGN_TRAIN_LAUNCHER", f"{sys.executable} -m").split() + ["alignment.training", "dpo", str(spec_path)]
+    cmd = os.environ.get("SELFALIGN_TRAIN_LAUNCHER", f"{sys.executable} -m").split() + [module, job, str(spec_path)]
     env = dict(os.environ, SELFALIGN_RUN_PID=os.environ.get("SELFALIGN_RUN_PID", str(os.getpid())),
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])))
+               TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])))
     log(f"training: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
@@ -52,5 +60,5 @@ def run_dpo(spec: DPOSpec, *, launcher: str, spec_path: Path, log=print) -> dict
             proc.kill()
             proc.wait()
     if proc.returncode != 0:
-        raise TrainingError(f"training exited with code {proc.returncode}; last output:\n" + "\n".join(tail))
+        raise TrainingError(f"{job} training exited with code {proc.returncode}; last output:\n" + "\n".join(tail))
     return json.loads(Path(spec.output_dir, "train_metrics.json").read_text())

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -596,34 +595,11 @@ JOBS = {"rm": (RMSpec, train_reward_model), "ppo": (PPOSpec, train_ppo)}
 
 def run_job(kind: str, spec, *, launcher: str, spec_path: Path, log=print) -> dict:
     """Run a job in this process or as ``python -m alignment.perl_training KIND SPEC.json`` (dies with its parent)."""
-    from alignment.launch import TrainingError, _die_with_parent
+    from alignment.launch import run_subprocess
 
     if launcher == "inprocess":
         return JOBS[kind][1](spec)
-    spec_path.write_text(json.dumps(asdict(spec), indent=1))
-    cmd = os.environ.get("SELFALIGN_TRAIN_LAUNCHER", f"{sys.executable} -m").split() + ["alignment.perl_training", kind, str(spec_path)]
-    env = dict(os.environ, SELFALIGN_RUN_PID=os.environ.get("SELFALIGN_RUN_PID", str(os.getpid())),
-               TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])))
-    log(f"training: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-40:]
-            if line.startswith("[train]"):
-                log(line.removeprefix("[train] "))
-        proc.wait()
-    finally:
-        if proc.poll() is None:  # Ctrl-C / error here: the trainer must not outlive the run's lock
-            proc.kill()
-            proc.wait()
-    if proc.returncode != 0:
-        raise TrainingError(f"{kind} training exited with code {proc.returncode}; last output:\n" + "\n".join(tail))
-    return json.loads(Path(spec.output_dir, "train_metrics.json").read_text())
+    return run_subprocess("alignment.perl_training", kind, spec, spec_path=spec_path, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:
