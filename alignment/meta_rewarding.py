@@ -541,18 +541,6 @@ class MetaRewardingRun(SelfRewardingRun):
         self.store.write_json(t, "metrics.json", out)
         return out
 
-    def iteration(self, t: int) -> dict:
-        """All stages of iteration t, in order (the flow does the same, one task per stage)."""
-        self.prompts(t)
-        self.generate(t)
-        self.judge(t)
-        self.pairs(t)
-        self.meta_judge(t)
-        self.elo(t)
-        self.judge_pairs(t)
-        self.train(t)
-        return self.metrics(t)
-
 
 def _spreads(elo_rows: Sequence[dict]) -> list[float]:
     """max − min rating per prompt (how decisive the meta-judge was)."""

@@ -207,12 +207,10 @@ class SelfRewardingRun(IterativeRun):
         return out
 
     def iteration(self, t: int) -> dict:
-        """All stages of iteration t, in order (the flow does the same, one task per stage)."""
-        self.prompts(t)
-        self.generate(t)
-        self.judge(t)
-        self.pairs(t)
-        self.train(t)
+        """All stages of iteration t in the recipe's order (the flow does the same, one task
+        per stage); each stage is the method of the same name."""
+        for stage in self.recipe.STAGES:
+            getattr(self, stage)(t)
         return self.metrics(t)
 
 
