@@ -42,6 +42,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+from alignment.training import file_hash
+
 DEFAULT_LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
@@ -216,18 +218,6 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict], **kw) -> float | None
     return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
-def _file_hash(path: str | None) -> str | None:
-    import hashlib
-
-    if not path or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resume_key(spec) -> str:
     """What a checkpoint must come from to be resumed: data / reward adapter *content* and every
     hyperparameter (not paths, save_steps, crash_prefix)."""
@@ -238,9 +228,9 @@ def resume_key(spec) -> str:
         d.pop(k, None)
     for k in ("train_data", "heldout_data", "prompts"):
         if k in d:
-            d[k] = _file_hash(d[k])
+            d[k] = file_hash(d[k])
     if d.get("reward_adapter"):
-        d["reward_adapter"] = _file_hash(str(Path(d["reward_adapter"], "adapter_model.safetensors")))
+        d["reward_adapter"] = file_hash(str(Path(d["reward_adapter"], "adapter_model.safetensors")))
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -74,6 +74,13 @@ def _complete_checkpoint(c: Path) -> bool:
     return isinstance(state, dict) and weights and any(c.glob("rng_state*.pth"))
 
 
+def file_hash(path: str | Path | None) -> str | None:
+    """sha256 of a file, or None when there is no such file (a missing input hashes as None)."""
+    from alignment.store import sha256_file
+
+    return sha256_file(path) if path and Path(path).is_file() else None
+
+
 def _latest_checkpoint(checkpoint_dir: str) -> str | None:
     ckpts = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     ckpts = sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
@@ -87,20 +94,11 @@ def resume_key(spec: DPOSpec) -> str:
     save_steps/crash_prefix, which do not change the result)."""
     import hashlib
 
-    def file_hash(path: str | None) -> str | None:
-        if not path or not Path(path).is_file():
-            return None
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-
     d = asdict(spec)
     for k in ("data", "output_dir", "checkpoint_dir", "save_steps", "crash_prefix", "init_adapter"):
         d.pop(k)
     d["data_sha256"] = file_hash(spec.data)
-    d["init_adapter_sha256"] = (file_hash(str(Path(spec.init_adapter, "adapter_model.safetensors")))
+    d["init_adapter_sha256"] = (file_hash(Path(spec.init_adapter, "adapter_model.safetensors"))
                                 if spec.init_adapter else None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
