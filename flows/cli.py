@@ -82,7 +82,7 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> 
     print("selfalign: done")
     names = {"run_dir": "run directory"}
     for key, value in result.items():
-        print(f"  {names.get(key, key.replace('_', ' ')) + ':':<15}{value}")
+        print(f"  {(names.get(key, key.replace('_', ' ')) + ':').ljust(14)} {value}")
     print(f"  {'Prefect UI:':<15}{_ui_hint()}")
     if parsed.algorithm in ("self-rewarding", "meta-rewarding"):  # the algorithms with judge data
         print(f"  {'review:':<15}selfalign review {result['run_dir']}")
