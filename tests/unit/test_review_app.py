@@ -193,6 +193,21 @@ def test_corrections_show_up_in_pages(client):
     assert "p-tie" not in client.get("/iter/1?show=ties").text.split("<h1>", 1)[1].split("</h1>", 1)[1]
 
 
+@pytest.mark.parametrize("with_pairs", [True, False])
+def test_an_excluded_prompt_shows_one_excluded_badge(tmp_path, with_pairs):
+    store = RunStore.create(tmp_path / "run", recipe={"algorithm": "self_rewarding", "pairs": {"rho": 0.0}},
+                            algorithm="self_rewarding")
+    rows = judge_rows()
+    store.write_rows(1, "judge", rows, inputs={}, recipe_hash="x")
+    if with_pairs:  # otherwise the pairs stage has not run yet: the status itself reads "excluded"
+        store.write_rows(1, "pairs", build_pairs(rows)[0], inputs={}, recipe_hash="x")
+    client = TestClient(create_app(store.root))
+    post(client, "exclude_pair", "p-pair")
+    assert client.get("/iter/1/prompt?id=p-pair").text.count("excluded</span>") == 1
+    listing = client.get("/iter/1?show=excluded").text
+    assert "p-pair" in listing and listing.count("excluded</span>") == 1
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"action": "swap", "prompt_id": "nope"}, "is not in iteration 1"),
     ({"action": "override_score", "prompt_id": "p-tie", "response_index": "9", "judgment_index": "0",
