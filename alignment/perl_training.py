@@ -264,7 +264,7 @@ def train_reward_model(spec: RMSpec) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from alignment.faults import crash_point
-    from alignment.training import _latest_checkpoint
+    from alignment.training import _latest_checkpoint, crash_points_callback
 
     torch.manual_seed(spec.seed)
     on_gpu = torch.cuda.is_available()
@@ -291,7 +291,6 @@ def train_reward_model(spec: RMSpec) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             step_times.append(time.perf_counter() - self._t)
-            crash_point(f"{spec.crash_prefix}/step{state.global_step}")
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -299,12 +298,10 @@ def train_reward_model(spec: RMSpec) -> dict:
                 extra = f" accuracy {acc:.2f}" if isinstance(acc, (int, float)) else ""
                 print(f"[train] rm step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}{extra}", flush=True)
 
-        def on_save(self, args, state, control, **kw):
-            crash_point(f"{spec.crash_prefix}/saved{state.global_step}")
-
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        peft_config=_lora_config(spec.lora, "SEQ_CLS") if spec.lora else None, callbacks=[_Progress()],
+        peft_config=_lora_config(spec.lora, "SEQ_CLS") if spec.lora else None,
+        callbacks=[_Progress(), crash_points_callback(spec.crash_prefix)],
     )
     share = trainable_share(trainer.model)
     print(f"[train] reward model: {share['trainable']:,} of {share['total']:,} parameters trainable "

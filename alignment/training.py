@@ -145,6 +145,23 @@ def _restore_trained_adapter(model, checkpoint: str) -> None:
         raise RuntimeError(f"checkpoint {checkpoint} does not match the model's adapter: {missing[:3]}")
 
 
+def crash_points_callback(prefix: str):
+    """A Trainer callback that passes the crash points ``{prefix}/step{n}`` (after each optimizer
+    step) and ``{prefix}/saved{n}`` (checkpoint n on disk) for the fault-injection tests."""
+    from transformers import TrainerCallback
+
+    from alignment.faults import crash_point
+
+    class _CrashPoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            crash_point(f"{prefix}/step{state.global_step}")
+
+        def on_save(self, args, state, control, **kw):
+            crash_point(f"{prefix}/saved{state.global_step}")
+
+    return _CrashPoints()
+
+
 def train_dpo(spec: DPOSpec) -> dict:
     """Train one DPO step with LoRA; save the adapter to ``spec.output_dir``; return metrics."""
     import torch
@@ -201,15 +218,9 @@ def train_dpo(spec: DPOSpec) -> dict:
                 extra = f" margin {margin:.4f}" if isinstance(margin, (int, float)) else ""
                 print(f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}{extra}", flush=True)
 
-        def on_save(self, args, state, control, **kw):
-            crash_point(f"{spec.crash_prefix}/saved{state.global_step}")
-
-        def on_step_end(self, args, state, control, **kw):
-            crash_point(f"{spec.crash_prefix}/step{state.global_step}")
-
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[_Progress()],
+        peft_config=peft_config, callbacks=[_Progress(), crash_points_callback(spec.crash_prefix)],
     )
     _prepare_checkpoint_dir(spec)
     resume = _latest_checkpoint(spec.checkpoint_dir)

@@ -246,6 +246,24 @@ def test_crash_point_can_send_sigint_once():
     assert p.returncode == 0 and p.stdout == "interrupted\nsecond pass ok\n"
 
 
+def test_trainer_crash_points_fire_on_their_step_and_save():
+    # The DPO and reward-model trainers share this callback; the kill tests rely on its names.
+    code = """
+        from types import SimpleNamespace
+        from alignment.training import crash_points_callback
+        cb = crash_points_callback("iter2/train")
+        for step in (1, 2):
+            state = SimpleNamespace(global_step=step)
+            cb.on_step_end(None, state, None); print(f"step{step}", flush=True)
+            cb.on_save(None, state, None); print(f"saved{step}", flush=True)
+    """
+    root = str(Path(__file__).parents[2])
+    p = _child(code, SELFALIGN_CRASH_AT="iter2/train/saved2", PYTHONPATH=root)
+    assert p.returncode == -signal.SIGKILL and p.stdout.split() == ["step1", "saved1", "step2"]
+    p = _child(code, SELFALIGN_CRASH_AT="iter2/train/step1", PYTHONPATH=root)
+    assert p.returncode == -signal.SIGKILL and p.stdout == ""
+
+
 # --------------------------------------------------------------------------- training resume
 
 
