@@ -217,22 +217,28 @@ def split_by_prompt(rows: Sequence[dict], fraction: float, seed: int = 0) -> tup
     return [r for r in rows if r["prompt_id"] not in held], [r for r in rows if r["prompt_id"] in held]
 
 
-def pairs_from_scores(rows: Sequence[dict], *, min_margin: float = 1e-6) -> tuple[list[dict], dict]:
-    """Scored samples (``prompt_id, prompt, response, score``) → one pair per prompt:
-    chosen = highest score, rejected = lowest (first wins a tie); prompts whose best and worst
-    differ by less than ``min_margin`` are dropped."""
+def pairs_from_scores(rows: Sequence[dict], *, min_margin: float = 1e-6,
+                      pairs_per_prompt: int = 1) -> tuple[list[dict], dict]:
+    """Scored samples (``prompt_id, prompt, response, score``) → up to ``pairs_per_prompt`` pairs
+    per prompt: best vs worst, second best vs second worst, … (samples ranked by score, the earlier
+    sample first on equal scores; each sample is used once). A pair whose scores differ by less
+    than ``min_margin``, or whose texts are equal, is dropped; a prompt left with no pair is a tie."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["prompt_id"], []).append(r)
     pairs, ties = [], 0
     for pid, group in groups.items():
-        best = max(group, key=lambda r: r["score"])
-        worst = min(group, key=lambda r: r["score"])
-        if best["score"] - worst["score"] < min_margin or best["response"].strip() == worst["response"].strip():
-            ties += 1
-            continue
-        pairs.append({"prompt_id": pid, "prompt": best["prompt"], "chosen": best["response"], "rejected": worst["response"],
-                      "chosen_score": best["score"], "rejected_score": worst["score"]})
+        ranked = sorted(group, key=lambda r: -r["score"])  # stable: the earlier sample first on equal scores
+        worst_first = sorted(group, key=lambda r: r["score"])
+        made = 0
+        for i in range(min(pairs_per_prompt, len(group) // 2)):
+            best, worst = ranked[i], worst_first[i]
+            if best["score"] - worst["score"] < min_margin or best["response"].strip() == worst["response"].strip():
+                continue
+            pairs.append({"prompt_id": pid, "prompt": best["prompt"], "chosen": best["response"],
+                          "rejected": worst["response"], "chosen_score": best["score"], "rejected_score": worst["score"]})
+            made += 1
+        ties += made == 0
     return pairs, {"prompts": len(groups), "pairs": len(pairs), "ties": ties}
 
 
@@ -364,7 +370,7 @@ class PerlRun(IterativeRun):
         scored = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": c.text.strip(),
                    "score": call_reward(scorer, p["prompt"], c.text.strip(), g.scorer)}
                   for p, per in zip(prompts, completions) for c in per]
-        pairs, stats = pairs_from_scores(scored, min_margin=g.min_margin)
+        pairs, stats = pairs_from_scores(scored, min_margin=g.min_margin, pairs_per_prompt=g.pairs_per_prompt)
         if not pairs:
             raise DataError(f"preferences: all {len(prompts)} prompts tied under {g.scorer}; raise generate.n or temperature")
         return pairs, stats | {"source": f"generated, scored by {g.scorer}", "samples": len(scored),

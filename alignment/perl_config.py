@@ -36,8 +36,9 @@ class GeneratedPreferencesConfig(_Model):
     """Preference pairs from the policy's own samples, ranked by a scoring function (no human data).
 
     For each training prompt, ``n`` responses are sampled from the initial policy and scored with
-    ``scorer(prompt, response) -> float``; chosen = highest, rejected = lowest; prompts whose best
-    and worst differ by less than ``min_margin`` are dropped (ties carry no preference).
+    ``scorer(prompt, response) -> float``; chosen = highest, rejected = lowest (and with
+    ``pairs_per_prompt`` k > 1 also 2nd best vs 2nd worst, …, k-th vs k-th); pairs whose scores
+    differ by less than ``min_margin`` are dropped (ties carry no preference).
     """
 
     scorer: str = Field(..., description="importable 'module:function' or 'file.py:function' reward(prompt, response) -> float")
@@ -45,7 +46,8 @@ class GeneratedPreferencesConfig(_Model):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(48, ge=1)
-    min_margin: float = Field(1e-6, ge=0, description="drop prompts whose best - worst score is below this")
+    min_margin: float = Field(1e-6, ge=0, description="drop pairs whose chosen - rejected score is below this")
+    pairs_per_prompt: int = Field(1, ge=1, description="best vs worst, 2nd best vs 2nd worst, ... (at most n // 2)")
 
 
 class PreferenceDataConfig(_Model):

@@ -184,6 +184,18 @@ def test_pairs_from_scores_hand_computed():
     assert pairs_from_scores(rows, min_margin=2.0)[0] == []
 
 
+def test_pairs_per_prompt_pairs_ranks_from_both_ends():
+    scores = {"r0": 0.2, "r1": 0.9, "r2": -0.5, "r3": 0.5, "r4": 0.2, "r5": -0.1}
+    rows = [{"prompt_id": "a", "prompt": "A", "response": k, "score": v} for k, v in scores.items()]
+    pairs, stats = pairs_from_scores(rows, pairs_per_prompt=3)
+    # ranked: r1 .9, r3 .5, r0 .2, r4 .2, r5 -.1, r2 -.5 → (r1, r2), (r3, r5), (r0, r4) tied → dropped
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("r1", "r2"), ("r3", "r5")]
+    assert stats == {"prompts": 1, "pairs": 2, "ties": 0}
+    assert len(pairs_from_scores(rows, pairs_per_prompt=9)[0]) == 2  # at most n // 2 pairs, each sample once
+    assert pairs_from_scores(rows)[0] == pairs[:1]
+    assert [p["chosen"] for p in pairs_from_scores(rows, pairs_per_prompt=2, min_margin=1.0)[0]] == ["r1"]
+
+
 def test_eval_summary():
     rows = [{"prompt_id": "a", "policy": "before", "reward": 1.0, "scorer": 0.0, "length": 4},
             {"prompt_id": "a", "policy": "after", "reward": 2.0, "scorer": 0.5, "length": 6},
