@@ -163,8 +163,17 @@ def _seq_cls(base: str, pad_id: int):
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from transformers.utils import logging as hf_logging
+
     on_gpu = torch.cuda.is_available()
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32 if not on_gpu else "auto")
+    # The score head is new by design (LoRA trains it as modules_to_save): silence the
+    # "score.weight MISSING ... newly initialized" load report, which reads like an error.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32 if not on_gpu else "auto")
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_id  # the score is read at the last non-pad token (EOS)
     return model
 
