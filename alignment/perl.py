@@ -569,17 +569,44 @@ class PerlRun(IterativeRun):
         return self.metrics()
 
 
-def eval_summary(rows: Sequence[dict]) -> dict:
-    """Mean reward / scorer score of the before and after generations, and the after-minus-before gain."""
+def eval_summary(rows: Sequence[dict], *, resamples: int = 2000) -> dict:
+    """Mean reward / scorer score of the before and after generations and the after-minus-before
+    gain, with a paired view of the gain: per prompt (mean of its samples after − before), how
+    many prompts got better / worse, and a 95% bootstrap interval over prompts (seeded, so the
+    same rows always give the same interval). An interval that contains 0 means the held-out set
+    cannot tell the gain from sampling noise."""
     out: dict = {"prompts": len({r["prompt_id"] for r in rows}), "samples": len(rows)}
     for key in ("reward", "scorer"):
         for policy in ("before", "after"):
             out[f"{key}_{policy}"] = mean([r[key] for r in rows if r["policy"] == policy])
         b, a = out[f"{key}_before"], out[f"{key}_after"]
         out[f"{key}_gain"] = None if a is None or b is None else a - b
+        diffs = _paired_diffs(rows, key)
+        out[f"{key}_prompts_better"] = sum(d > 0 for d in diffs) if diffs else None
+        out[f"{key}_prompts_worse"] = sum(d < 0 for d in diffs) if diffs else None
+        out[f"{key}_gain_ci95"] = _bootstrap_ci(diffs, resamples) if len(diffs) >= 2 else None
     for policy in ("before", "after"):
         out[f"length_{policy}"] = mean([r["length"] for r in rows if r["policy"] == policy])
     return out
+
+
+def _paired_diffs(rows: Sequence[dict], key: str) -> list[float]:
+    """Per prompt with both policies scored: mean after − mean before."""
+    by: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r[key] is not None:
+            by.setdefault((r["prompt_id"], r["policy"]), []).append(r[key])
+    ids = sorted({pid for pid, _ in by})
+    return [statistics.fmean(by[(pid, "after")]) - statistics.fmean(by[(pid, "before")])
+            for pid in ids if (pid, "after") in by and (pid, "before") in by]
+
+
+def _bootstrap_ci(diffs: Sequence[float], resamples: int) -> list[float]:
+    import random
+
+    rng, n = random.Random(0), len(diffs)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(resamples))
+    return [means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]]
 
 
 def _fmt(x: float | None) -> str:

@@ -81,8 +81,17 @@ def summary_markdown(m: dict) -> str:
             lines.append(f"| {ev['scorer']} | {_f(ev.get('scorer_before'))} | {_f(ev.get('scorer_after'))} | "
                          f"{_f(ev.get('scorer_gain'))} |")
         lines.append(f"| length (tokens) | {_f(ev.get('length_before'), 1)} | {_f(ev.get('length_after'), 1)} | |")
+        for key, label in (("reward", "reward"), ("scorer", ev.get("scorer"))):
+            if ev.get(f"{key}_gain_ci95"):
+                lines.append(f"\n{label} gain: {_gain_detail(ev, key)}.")
         lines.append(f"\n{ev.get('prompts')} prompts ({'held out' if ev.get('heldout') else 'training prompts: none held out'}).")
     return "\n".join(lines) + "\n"
+
+
+def _gain_detail(ev: dict, key: str) -> str:
+    lo, hi = ev[f"{key}_gain_ci95"]
+    return (f"{_f(ev.get(f'{key}_gain'))}, 95% bootstrap interval over prompts [{_f(lo)}, {_f(hi)}]; "
+            f"{ev.get(f'{key}_prompts_better')} prompts better, {ev.get(f'{key}_prompts_worse')} worse")
 
 
 def _pct(x) -> str:
@@ -143,4 +152,6 @@ def perl_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str]
         result["eval reward before -> after"] = f"{_f(ev.get('reward_before'))} -> {_f(ev.get('reward_after'))}"
         if ev.get("scorer"):
             result[f"eval {ev['scorer']} before -> after"] = f"{_f(ev.get('scorer_before'))} -> {_f(ev.get('scorer_after'))}"
+            if ev.get("scorer_gain_ci95"):
+                result[f"eval {ev['scorer']} gain"] = _gain_detail(ev, "scorer")
     return result

@@ -205,6 +205,23 @@ def test_eval_summary():
     assert (s["scorer_after"], s["scorer_gain"], s["prompts"]) == (0.5, 0.5, 2)
 
 
+def test_eval_summary_paired_gain():
+    def row(pid, policy, score):
+        return {"prompt_id": pid, "policy": policy, "reward": 0.0, "scorer": score, "length": 1}
+
+    # a: +0.5; b: +0.5; c: (0.0 + 0.5)/2 - 0.25 = 0.0; d: only "after" scored
+    rows = [row("a", "before", 0.0), row("a", "after", 0.5), row("b", "before", -0.5), row("b", "after", 0.0),
+            row("c", "before", 0.25), row("c", "after", 0.0), row("c", "after", 0.5), row("d", "after", 1.0)]
+    s = eval_summary(rows)
+    assert (s["scorer_prompts_better"], s["scorer_prompts_worse"]) == (2, 0)
+    lo, hi = s["scorer_gain_ci95"]
+    assert lo == 0.0 and hi == 0.5  # resampling {0.5, 0.5, 0.0}: the extremes are all-zero and all-0.5
+    assert s["reward_gain_ci95"] == [0.0, 0.0] and s["reward_prompts_better"] == 0
+    assert eval_summary(rows) == s  # seeded: same rows, same interval
+    one = eval_summary(rows[:2])
+    assert one["scorer_gain_ci95"] is None and one["scorer_prompts_better"] == 1
+
+
 def test_pairs_from_run_applies_review_corrections(tmp_path):
     from alignment.corrections import add_correction
     from alignment.store import RunStore
@@ -373,3 +390,18 @@ def test_perl_flow_end_to_end_and_resume(tmp_path, tiny_model_dir, prompts_file,
     perl_flow(str(run_dir))  # resume with the stored recipe: everything is done
     skipped = [e["stage"] for e in store.events() if e["event"] == "skip"]
     assert {"prompts", "preferences", "reward_model", "ppo", "eval"} <= set(skipped)
+
+
+def test_summary_markdown_states_the_gain_interval():
+    from flows.perl import summary_markdown
+
+    ev = {"prompts": 32, "heldout": True, "scorer": "alignment.rewards.vader:reward", "reward_before": 0.0,
+          "reward_after": 0.2, "reward_gain": 0.2, "reward_gain_ci95": [0.1, 0.3], "reward_prompts_better": 30,
+          "reward_prompts_worse": 2, "scorer_before": 0.2, "scorer_after": 0.3, "scorer_gain": 0.1,
+          "scorer_gain_ci95": [-0.05, 0.25], "scorer_prompts_better": 17, "scorer_prompts_worse": 15,
+          "length_before": 30.0, "length_after": 31.0}
+    md = summary_markdown({"model": "m", "eval": ev})
+    assert "alignment.rewards.vader:reward gain: 0.100, 95% bootstrap interval over prompts [-0.050, 0.250]; " \
+           "17 prompts better, 15 worse." in md
+    assert "reward gain: 0.200, 95% bootstrap interval over prompts [0.100, 0.300]" in md
+    assert "gain:" not in summary_markdown({"model": "m", "eval": ev | {"scorer_gain_ci95": None, "reward_gain_ci95": None}})
