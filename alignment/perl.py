@@ -35,7 +35,7 @@ from alignment.iterative import IterativeRun
 from alignment.models import ModelError, resolve
 from alignment.perl_config import PerlRecipe, PreferenceDataConfig
 from alignment.perl_training import trainable_share  # noqa: F401  (pure; re-exported)
-from alignment.stages import error_message, run_table_stage, stage_outcome
+from alignment.stages import error_message, run_sharded, run_table_stage, shard_key, stage_outcome
 from alignment.store import RunStore, StoreError, hash_obj, sha256_file
 
 STAGES = PerlRecipe.STAGES
@@ -346,7 +346,7 @@ class PerlRun(IterativeRun):
 
         def compute():
             if cfg.generate:
-                rows, info = self._generated_pairs(cfg)
+                rows, info = self._generated_pairs(cfg, key=shard_key(inputs, recipe_hash))
             else:
                 rows, info = load_preferences(cfg)
             train, held = split_by_prompt(rows, cfg.heldout_fraction, self.recipe.seed)
@@ -356,20 +356,27 @@ class PerlRun(IterativeRun):
             self.log(f"preferences: {len(rows)} pairs ({len(train)} train, {len(held)} held out)")
             return out, info
 
-        return run_table_stage(self.store, self.T, "preferences", inputs=inputs,
-                               recipe_hash=self._hash(extra_rm_data=rm.data.model_dump(mode="json")),
+        recipe_hash = self._hash(extra_rm_data=rm.data.model_dump(mode="json"))
+        return run_table_stage(self.store, self.T, "preferences", inputs=inputs, recipe_hash=recipe_hash,
                                compute=compute, log=self.log)
 
-    def _generated_pairs(self, cfg: PreferenceDataConfig) -> tuple[list[dict], dict]:
+    def _generated_pairs(self, cfg: PreferenceDataConfig, *, key: str) -> tuple[list[dict], dict]:
+        """``n`` samples per training prompt from the initial policy, scored, in resumable shards
+        of ``engine.shard_size`` prompts (progress per shard); then ranked into pairs."""
         g = cfg.generate
         scorer = load_reward_function(g.scorer)
-        prompts = self._prompt_rows("train")
-        convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
         sampling = Sampling(n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
-        completions = self.generator().chat(convs, sampling, seed=_derive_seed(self.recipe.seed, "perl-pref"))
-        scored = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": c.text.strip(),
-                   "score": call_reward(scorer, p["prompt"], c.text.strip(), g.scorer)}
-                  for p, per in zip(prompts, completions) for c in per]
+
+        def sample_and_score(chunk: Sequence[dict], index: int) -> list[dict]:
+            convs = [[{"role": "user", "content": p["prompt"]}] for p in chunk]
+            completions = self.generator().chat(convs, sampling, seed=_derive_seed(self.recipe.seed, "perl-pref", index))
+            return [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": c.text.strip(),
+                     "score": call_reward(scorer, p["prompt"], c.text.strip(), g.scorer)}
+                    for p, per in zip(chunk, completions) for c in per]
+
+        prompts = self._prompt_rows("train")
+        scored = run_sharded(self.store, self.T, "preferences", prompts, shard_size=self.recipe.engine.shard_size,
+                             key=key, compute=sample_and_score, log=self.log)
         pairs, stats = pairs_from_scores(scored, min_margin=g.min_margin, pairs_per_prompt=g.pairs_per_prompt)
         if not pairs:
             raise DataError(f"preferences: all {len(prompts)} prompts tied under {g.scorer}; raise generate.n or temperature")

@@ -392,6 +392,33 @@ def test_perl_flow_end_to_end_and_resume(tmp_path, tiny_model_dir, prompts_file,
     assert {"prompts", "preferences", "reward_model", "ppo", "eval"} <= set(skipped)
 
 
+def test_generated_preferences_are_sharded_scored_and_ranked(tmp_path, tiny_model_dir, rewards_file):
+    from alignment.perl import PerlRun
+    from alignment.runs import open_run
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Say something about object {i}."}}\n' for i in range(6)))
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, prompts, prompts, **{
+        "prompts.heldout_fraction": 0.0, "engine.shard_size": 2, "reward_model.data.source": "null",
+        "reward_model.data.generate.scorer": f"{rewards_file}:good", "reward_model.data.generate.n": 4,
+        "reward_model.data.generate.max_tokens": 8, "reward_model.data.generate.pairs_per_prompt": 2})
+    store, cfg = open_run(tmp_path / "run", recipe, [])
+    logs: list[str] = []
+    run = PerlRun(store, cfg, log=logs.append)
+    try:
+        run.prompts()
+        run.preferences()
+    finally:
+        run.close()
+    assert [m for m in logs if "preferences: shard" in m][-1].startswith("iter 1 preferences: shard 3/3")
+    info = store.manifest(1, "preferences")["info"]
+    rows = store.read_rows(1, "preferences")
+    assert info["samples"] == 24 and info["pairs"] == len(rows) > 6  # more than one pair for some prompt
+    for r in rows:  # the scorer is len(response) / 10: chosen is the longer answer
+        assert r["chosen_score"] == len(r["chosen"]) / 10 > r["rejected_score"] == len(r["rejected"]) / 10
+    assert not (store.stage_dir(1, "preferences") / "shards").exists()
+
+
 def test_summary_markdown_states_the_gain_interval():
     from flows.perl import summary_markdown
 
