@@ -47,6 +47,7 @@ from alignment.store import DATA_FILE, RunStore, StoreError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "review_templates"
 CORE_STAGES = ("prompts", "generate", "judge", "pairs", "train")
+META_STAGES = ("meta_judge", "elo", "judge_pairs")  # Meta-Rewarding; see docs/data-contracts.md
 FILTERS = {
     "all": "all prompts",
     "ties": "ties (no pair)",
@@ -126,6 +127,47 @@ class JudgeTable:
         return set(self.table["prompt_id"].filter(pc.fill_null(mask, False)).to_pylist())
 
 
+class PromptRows:
+    """A complete table stage kept as Arrow and indexed by prompt_id once.
+
+    A page materialises only its prompt's rows: meta_judge holds k(k−1) battles per prompt,
+    meta-judge texts included, so a per-request scan or a full Python copy would not do.
+    A table without a ``prompt_id`` column (a zero-row stage has no columns) has no rows for any prompt.
+    """
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.positions: dict[str, list[int]] = {}
+        if "prompt_id" in table.column_names:
+            for i, pid in enumerate(table["prompt_id"].to_pylist()):
+                self.positions.setdefault(pid, []).append(i)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def of(self, prompt_id: str) -> list[dict]:
+        """``prompt_id``'s rows (all columns), in table order."""
+        positions = self.positions.get(prompt_id)
+        return self.table.take(positions).to_pylist() if positions else []
+
+    def first_position(self, prompt_id: str) -> int | None:
+        positions = self.positions.get(prompt_id)
+        return positions[0] if positions else None
+
+
+@dataclass
+class MetaTables:
+    """An iteration's complete Meta-Rewarding stages, each indexed by prompt_id."""
+
+    battles: PromptRows  # meta_judge: one row per battle
+    elo: PromptRows  # one row per judgment of the meta-judged response
+    judge_pairs: PromptRows  # at most one row per prompt
+    judge_training: bool  # False: the stages were skipped (zero rows) in this iteration
+
+    def by_stage(self) -> dict[str, PromptRows]:
+        return dict(zip(META_STAGES, (self.battles, self.elo, self.judge_pairs)))
+
+
 @dataclass
 class IterationState:
     """One iteration's judge data with the corrections applied, ready for pages."""
@@ -176,6 +218,19 @@ class RunData:
         """A complete stage's rows (cached per output hash), None if the stage is incomplete."""
         return self._cached(t, stage, "rows", lambda: self.store.read_rows(t, stage))
 
+    def indexed(self, t: int, stage: str) -> PromptRows | None:
+        """A complete table stage as :class:`PromptRows` (cached per output hash), None if incomplete."""
+        return self._cached(t, stage, "indexed", lambda: PromptRows(self.store.read_table(t, stage)))
+
+    def meta_tables(self, t: int) -> MetaTables | None:
+        """The Meta-Rewarding stages of iteration ``t``, None unless all three are complete
+        (a manifest with a table: what ``complete_stages`` calls done)."""
+        tables = [self.indexed(t, stage) for stage in META_STAGES]
+        if any(table is None for table in tables):
+            return None
+        info = (self.store.manifest(t, "meta_judge") or {}).get("info") or {}
+        return MetaTables(*tables, judge_training=info.get("judge_training") is not False)
+
     def judge(self, t: int) -> JudgeTable | None:
         """The judge stage as a :class:`JudgeTable` (cached), None if incomplete."""
         return self._cached(t, "judge", "arrow", lambda: JudgeTable(self.store.read_table(t, "judge")))
@@ -201,6 +256,7 @@ class RunData:
         """Load every iteration's tables into the cache (serve() runs this in a thread at start)."""
         for t in self.store.iterations():
             self.state(t)
+            self.meta_tables(t)
 
 
 def build_state(t: int, judge: JudgeTable, pair_rows: list[dict] | None,
@@ -434,6 +490,75 @@ def prompt_view(state: IterationState, prompt_id: str, rows: list[dict]) -> dict
 _NOT_OVERRIDDEN = object()
 
 
+def meta_judge_view(tables: MetaTables, prompt_id: str, responses: list[dict]) -> dict | None:
+    """One prompt's meta-judge section: the meta-judged response, its judgments ranked by Elo
+    rating with the judge pair marked, and every battle. None when the prompt was not
+    meta-judged (its judgments all agree, or judge training is off in this iteration).
+
+    ``responses``: the prompt view's responses (:func:`prompt_view`), for the judgment texts.
+    Scores and their variance are the ones the meta-judge saw (the elo table's), not the
+    reviewer's overrides. Optional columns missing from a table read as None.
+    """
+    battles, elo = tables.battles.of(prompt_id), tables.elo.of(prompt_id)
+    if not battles and not elo:
+        return None
+    response_index = (elo or battles)[0].get("response_index")
+    response = next((r for r in responses if r["index"] == response_index), {"judgments": []})
+    texts = {j["index"]: j["text"] for j in response["judgments"]}
+    pairs = tables.judge_pairs.of(prompt_id)
+    pair = pairs[0] if pairs else None
+    shown = [battle_view(n, b) for n, b in enumerate(battles, 1)]
+    return {
+        "response_index": response_index,
+        "variance": score_variance([r.get("score") for r in elo]),
+        "pair": pair,
+        "judgments": ranked_judgments(elo, pair, texts),
+        "battles": shown,
+        "has_probs": any(b["p_a"] is not None or b["p_b"] is not None for b in shown),
+        "counts": {"battles": len(shown), "failed": sum(b["verdict"] is None for b in shown),
+                   "A": sum(b["verdict"] == "A" for b in shown), "B": sum(b["verdict"] == "B" for b in shown)},
+        "omega": (elo[0].get("omega1"), elo[0].get("omega2")) if elo else (None, None),
+    }
+
+
+def judge_pair_roles(pair: dict | None) -> dict[int, str]:
+    """judgment index -> "chosen" | "rejected" for the prompt's judge-training pair."""
+    if pair is None:
+        return {}
+    return {pair.get("rejected_index"): "rejected", pair.get("chosen_index"): "chosen"}
+
+
+def ranked_judgments(elo: list[dict], pair: dict | None, texts: dict[int, str]) -> list[dict]:
+    """The Elo rows, highest rating first (unrated last, then by judgment index)."""
+    roles = judge_pair_roles(pair)
+    rows = [{"index": r.get("judgment_index"), "score": r.get("score"), "rating": r.get("rating"),
+             "wins": r.get("wins"), "losses": r.get("losses"), "battles": r.get("battles"),
+             "length": r.get("length"), "eligible": r.get("eligible")} for r in elo]
+    rows.sort(key=lambda r: (r["rating"] is None, -(r["rating"] or 0.0),
+                             r["index"] if r["index"] is not None else -1))
+    for rank, r in enumerate(rows, 1):
+        r.update(rank=rank, role=roles.get(r["index"]), text=texts.get(r["index"]))
+    return rows
+
+
+def battle_view(number: int, row: dict) -> dict:
+    """One meta_judge row for the battles table; the winner follows the verdict when not stored."""
+    a, b, verdict = row.get("a"), row.get("b"), row.get("verdict")
+    winner = row.get("winner")
+    if winner is None:
+        winner = {"A": a, "B": b}.get(verdict)
+    return {"number": number, "a": a, "b": b, "a_score": row.get("a_score"), "b_score": row.get("b_score"),
+            "verdict": verdict, "winner": winner, "mode": row.get("mode"), "p_a": row.get("p_a"),
+            "p_b": row.get("p_b"), "offset": row.get("offset"), "length": row.get("length"),
+            "text": row.get("text")}
+
+
+def stage_page_of(rows: PromptRows, prompt_id: str, per_page: int = PER_PAGE[-1]) -> str:
+    """Query string of the generic stage page that shows ``prompt_id``'s first row."""
+    first = rows.first_position(prompt_id)
+    return urlencode({"per_page": per_page, "page": (first or 0) // per_page + 1})
+
+
 def format_value(value) -> str:
     """A cell of a generic table: numbers rounded, containers as JSON."""
     if isinstance(value, float):
@@ -543,10 +668,18 @@ def create_app(run_dir) -> Starlette:
         state = state_of(t)
         if prompt_id not in state.light:
             raise HTTPException(404, f"prompt {prompt_id!r} is not in iteration {t}")
-        extra = {s: [r for r in data.rows(t, s) if r.get("prompt_id") == prompt_id] for s in extra_stages(t)}
+        view = prompt_views(state, [prompt_id])[0]
+        meta_tables = data.meta_tables(t)
+        meta = meta_judge_view(meta_tables, prompt_id, view["responses"]) if meta_tables else None
+        # The meta stages have their own section; the generic cards show any other stage's rows.
+        generic = [s for s in extra_stages(t) if not (meta_tables and s in META_STAGES)]
+        extra = {s: table.of(prompt_id) for s in generic if (table := data.indexed(t, s)) is not None}
         summary = next(s for s in state.summaries if s["prompt_id"] == prompt_id)
         return render(request, "prompt.html", {
-            "t": t, "state": state, "view": prompt_views(state, [prompt_id])[0], "summary": summary,
+            "t": t, "state": state, "view": view, "summary": summary, "meta": meta,
+            "meta_off": meta_tables is not None and not meta_tables.judge_training,
+            "meta_links": {s: stage_page_of(rows, prompt_id) for s, rows in meta_tables.by_stage().items()}
+            if meta else {},
             "extra": {s: rows for s, rows in extra.items() if rows}, "error": error, "form": form or {},
             "return_to": f"/iter/{t}/prompt?" + urlencode({"id": prompt_id}),
             "who": request.cookies.get("reviewer", ""),

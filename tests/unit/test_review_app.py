@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,8 +19,17 @@ from alignment.corrections import (
     reviewed_pairs,
     validate_correction,
 )
+from alignment.generation import Completion
+from alignment.meta_judge import DEFAULT_PRIOR
+from alignment.meta_rewarding import (
+    MetaJudgeSettings,
+    build_judge_pair_rows,
+    meta_items,
+    meta_judge_battles,
+    rate_items,
+)
 from alignment.pairs import build_pairs
-from alignment.review_app import create_app
+from alignment.review_app import META_STAGES, create_app
 from alignment.store import RunStore, StoreError
 
 SCRIPT = "<script>alert('x')</script>"
@@ -164,6 +174,208 @@ def test_not_a_run_is_a_clear_error(tmp_path):
         create_app(tmp_path)
     with pytest.raises(StoreError, match="does not exist"):
         create_app(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------- meta-judge view
+# Meta-Rewarding stages written by the producing code (meta_items → meta_judge_battles →
+# rate_items → build_judge_pair_rows) with a scripted meta-judge, so the view is checked
+# against the real table schemas.
+
+JUDGMENT_LENGTHS = [40, 30, 20]  # tokens of judgments 0, 1, 2; judgment 0 is over LENGTH_CAP
+LENGTH_CAP = 35
+_JUDGMENT_PAIR = re.compile(r"<judgment_a>(.*?)</judgment_a>.*<judgment_b>(.*?)</judgment_b>", re.DOTALL)
+_JUDGMENT_ID = re.compile(r"rationale (\d+) for ([\w-]+)/")
+
+
+def meta_rows() -> list[dict]:
+    # p-xss #1 (scores 0, 5, 1) is the only response of p-xss with disputed judgments;
+    # p-nopair #0 (2, 4) is meta-judged but every battle fails; p-pair and p-tie all agree.
+    return judge_rows() + [judge_row("p-nopair", 0, [2.0, 4.0], 15), judge_row("p-nopair", 1, [3.0, 3.0], 25)]
+
+
+def scripted_meta_judgment(text_a: str, text_b: str) -> tuple[str | None, str]:
+    """(verdict, reasoning): the higher judgment index is better; 0 vs 1 and all of p-nopair fail;
+    the battle 2 vs 0 answers with a script tag."""
+    (ja, pid), (jb, _) = (_JUDGMENT_ID.search(x).groups() for x in (text_a, text_b))
+    ja, jb = int(ja), int(jb)
+    if pid == "p-nopair" or (ja, jb) == (0, 1):
+        return None, "Both judgments look the same to me."
+    return ("A" if ja > jb else "B"), (SCRIPT if (ja, jb) == (2, 0) else f"Judgment {max(ja, jb)} follows the rubric.")
+
+
+class ScriptedMetaJudge:
+    """A Generator stand-in for meta_judge_battles (free and logprob modes)."""
+
+    def _judged(self, conversations):
+        return [scripted_meta_judgment(*_JUDGMENT_PAIR.search(c[0]["content"]).groups()) for c in conversations]
+
+    def chat(self, conversations, sampling, *, adapter=None, seed=0):
+        logprob = "Winner:" in sampling.stop  # the reasoning stops before the verdict
+        return [[Completion(reason + (f"\nWinner: Judgment {verdict}" if verdict and not logprob else ""), 9)]
+                for verdict, reason in self._judged(conversations)]
+
+    def next_token_probs(self, conversations, candidates, *, adapter=None):
+        probs = {"A": {" A": 0.8, " B": 0.1}, "B": {" A": 0.1, " B": 0.8}, None: {}}
+        return [probs[verdict] for verdict, _ in self._judged(conversations)]
+
+
+def write_meta_stages(store, t: int, rows: list[dict], mode: str = "free") -> None:
+    items, _ = meta_items(rows)
+    battles = meta_judge_battles(ScriptedMetaJudge(), items, MetaJudgeSettings(mode=mode))
+    lengths = {(i["prompt_id"], i["response_index"]): JUDGMENT_LENGTHS[:len(i["judgments"])] for i in items}
+    elo = rate_items(items, battles, lengths, prior=DEFAULT_PRIOR, pooled=False, length_cap=LENGTH_CAP)
+    judge_pairs, _ = build_judge_pair_rows(items, elo, LENGTH_CAP)
+    for stage, stage_rows in zip(META_STAGES, (battles, elo, judge_pairs)):
+        store.write_rows(t, stage, stage_rows, inputs={}, recipe_hash="x", info={"judge_training": True})
+
+
+def meta_store(tmp_path, mode: str = "free") -> RunStore:
+    store = RunStore.create(tmp_path / "meta-run", recipe={"algorithm": "meta_rewarding", "pairs": {"rho": 0.0}},
+                            algorithm="meta_rewarding")
+    rows = meta_rows()
+    store.write_rows(1, "judge", rows, inputs={}, recipe_hash="x")
+    store.write_rows(1, "pairs", build_pairs(rows)[0], inputs={}, recipe_hash="x")
+    write_meta_stages(store, 1, rows, mode)
+    return store
+
+
+@pytest.fixture()
+def meta_run(tmp_path):
+    return meta_store(tmp_path)
+
+
+@pytest.fixture()
+def meta_client(meta_run):
+    return TestClient(create_app(meta_run.root))
+
+
+def meta_section(page: str) -> str | None:
+    """The meta-judge card of a prompt page, None if there is none."""
+    if 'id="meta-judge"' not in page:
+        return None
+    return page.split('id="meta-judge"', 1)[1].split("<h2>Add a note</h2>", 1)[0]
+
+
+def table_of(section: str, css_class: str) -> str:
+    return section.split(f'<table class="{css_class}">', 1)[1].split("</table>", 1)[0]
+
+
+def test_meta_judge_section_ranks_judgments_by_rating(meta_client, meta_run):
+    page = meta_client.get("/iter/1/prompt?id=p-xss").text
+    section = meta_section(page)
+    assert section is not None and "Response <strong>#1</strong> was meta-judged" in section
+    assert '<a class="badge meta" href="#meta-judge">meta-judged</a>' in page  # on response #1's card
+    elo = [r for r in meta_run.read_rows(1, "elo") if r["prompt_id"] == "p-xss"]
+    by_rating = sorted(elo, key=lambda r: -r["rating"])
+    # the scripted meta-judge prefers higher judgment indices: 2 > 1 > 0
+    ratings = table_of(section, "meta-ratings")
+    assert re.findall(r'data-judgment="(\d+)"', ratings) == ["2", "1", "0"] == [str(r["judgment_index"]) for r in by_rating]
+    shown = [float(x) for x in re.findall(r'<td class="num rating">([^<]*)</td>', ratings)]
+    assert shown == sorted(shown, reverse=True) and len(shown) == 3
+    assert shown == [pytest.approx(r["rating"], abs=0.5) for r in by_rating]
+
+
+def test_meta_judge_section_marks_the_judge_pair(meta_client, meta_run):
+    section = meta_section(meta_client.get("/iter/1/prompt?id=p-xss").text)
+    pair = next(r for r in meta_run.read_rows(1, "judge_pairs") if r["prompt_id"] == "p-xss")
+    # judgment 0 rates lowest but is over the length cap: judgment 1 is the rejected one
+    assert (pair["chosen_index"], pair["rejected_index"]) == (2, 1)
+    ratings = table_of(section, "meta-ratings")
+    assert dict(re.findall(r'data-judgment="(\d+)" data-role="(\w+)"', ratings)) == {"2": "chosen", "1": "rejected"}
+    assert 'data-judgment="0">' in ratings and "no (over length cap)" in ratings
+    assert "<span class=\"badge chosen\">chosen</span> judgment 2" in section
+    assert "no judge pair" not in section
+
+
+def test_meta_judge_battles_show_failed_verdicts_and_escape_text(meta_client):
+    page = meta_client.get("/iter/1/prompt?id=p-xss").text
+    battles = table_of(meta_section(page), "meta-battles")
+    # battle plan (0,1), (1,0), (0,2), (2,0), (1,2), (2,1); 0 vs 1 has no verdict
+    assert re.findall(r'data-verdict="(\w+)"', battles) == ["failed", "A", "B", "A", "B", "A"]
+    first = battles.split('data-battle="1"', 1)[1].split("</tr>", 1)[0]
+    assert '<span class="failed">failed</span>' in first and "<td>—</td>" in first  # no winner
+    assert "judgment 2" in battles.split('data-battle="4"', 1)[1].split("</tr>", 1)[0]
+    assert SCRIPT not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in battles
+    assert "<details>" in battles and "Judgment 2 follows the rubric." in battles
+    assert "<th>p_a</th>" not in battles  # parsed mode: no probabilities
+
+
+def test_meta_judge_without_a_judge_pair(meta_client):
+    section = meta_section(meta_client.get("/iter/1/prompt?id=p-nopair").text)
+    assert section is not None and "no judge pair" in section and "data-role" not in section
+    # every battle failed: no evidence to rate, so no judgment is eligible
+    assert re.findall(r'<td class="num rating">([^<]*)</td>', section) == ["unrated", "unrated"]
+    assert section.count("no (unrated)") == 2
+    assert re.findall(r'data-verdict="(\w+)"', section) == ["failed", "failed"]
+
+
+def test_no_meta_section_without_meta_rows(meta_client, client):
+    page = meta_client.get("/iter/1/prompt?id=p-pair").text  # its judgments all agree
+    assert meta_section(page) is None and "meta-judged" not in page
+    # a Self-Rewarding run: no Meta-Rewarding stages (only a stray meta_judge table, shown generically)
+    page = client.get("/iter/1/prompt?id=p-xss").text
+    assert meta_section(page) is None and "meta-note" not in page
+
+
+def test_meta_section_replaces_the_generic_cards_and_links_the_tables(meta_client):
+    page = meta_client.get("/iter/1/prompt?id=p-xss").text
+    assert "<h2>meta_judge</h2>" not in page and "<h2>elo</h2>" not in page
+    links = re.findall(r'href="(/iter/1/stage/(?:meta_judge|elo|judge_pairs)\?[^"]+)"', page)
+    assert len(links) == 3
+    for link in links:
+        assert 'href="/iter/1/prompt?id=p-xss"' in meta_client.get(link.replace("&amp;", "&")).text
+
+
+def test_meta_judge_logprob_mode_shows_probabilities(tmp_path):
+    client = TestClient(create_app(meta_store(tmp_path, mode="logprob").root))
+    battles = table_of(meta_section(client.get("/iter/1/prompt?id=p-xss").text), "meta-battles")
+    assert "<th>p_a</th>" in battles and "<th>p_b</th>" in battles and "<th>offset</th>" in battles
+    second = battles.split('data-battle="2"', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num">0.8</td><td class="num">0.1</td>' in second
+    assert re.findall(r'data-verdict="(\w+)"', battles) == ["failed", "A", "B", "A", "B", "A"]
+
+
+def test_meta_judge_section_without_optional_columns(tmp_path):
+    store = RunStore.create(tmp_path / "run", recipe={"algorithm": "meta_rewarding"}, algorithm="meta_rewarding")
+    store.write_rows(1, "judge", meta_rows(), inputs={}, recipe_hash="x")
+    # older/minimal tables: no mode, p_a, p_b, offset, winner, text, length, eligible, omegas
+    store.write_rows(1, "meta_judge", [
+        {"prompt_id": "p-xss", "response_index": 1, "a": 0, "b": 2, "verdict": "B"},
+        {"prompt_id": "p-xss", "response_index": 1, "a": 2, "b": 0, "verdict": None},
+    ], inputs={}, recipe_hash="x")
+    store.write_rows(1, "elo", [
+        {"prompt_id": "p-xss", "response_index": 1, "judgment_index": 0, "score": 0.0, "rating": 990.0},
+        {"prompt_id": "p-xss", "response_index": 1, "judgment_index": 2, "score": 1.0, "rating": 1010.0},
+    ], inputs={}, recipe_hash="x")
+    store.write_rows(1, "judge_pairs", [], inputs={}, recipe_hash="x")
+    response = TestClient(create_app(store.root)).get("/iter/1/prompt?id=p-xss")
+    assert response.status_code == 200
+    section = meta_section(response.text)
+    assert re.findall(r'data-judgment="(\d+)"', section) == ["2", "0"] and "no judge pair" in section
+    battles = table_of(section, "meta-battles")
+    assert "<th>p_a</th>" not in battles
+    assert "judgment 2" in battles.split('data-battle="1"', 1)[1].split("</tr>", 1)[0]  # winner from the verdict
+    assert re.findall(r'data-verdict="(\w+)"', battles) == ["B", "failed"]
+
+
+def test_judge_training_off_iteration_has_a_one_line_note(tmp_path):
+    store = RunStore.create(tmp_path / "run", recipe={"algorithm": "meta_rewarding"}, algorithm="meta_rewarding")
+    store.write_rows(1, "judge", meta_rows(), inputs={}, recipe_hash="x")
+    for stage in META_STAGES:  # what MetaRewardingRun._skip_meta commits
+        store.write_rows(1, stage, [], inputs={}, recipe_hash="x", info={"judge_training": False})
+    page = TestClient(create_app(store.root)).get("/iter/1/prompt?id=p-xss").text
+    assert meta_section(page) is None
+    assert "judge training is off in iteration 1" in page and page.count('class="muted meta-note"') == 1
+
+
+def test_meta_tables_are_read_and_indexed_once(meta_run, monkeypatch):
+    reads = []
+    read_table = RunStore.read_table
+    monkeypatch.setattr(RunStore, "read_table", lambda self, t, stage: reads.append(stage) or read_table(self, t, stage))
+    client = TestClient(create_app(meta_run.root))
+    for pid in ("p-xss", "p-nopair", "p-pair", "p-xss"):
+        assert client.get(f"/iter/1/prompt?id={pid}").status_code == 200
+    assert sorted(s for s in reads if s in META_STAGES) == sorted(META_STAGES)
 
 
 # ---------------------------------------------------------------------------- corrections via the app
