@@ -162,7 +162,6 @@ def _peak_rss_mib() -> float:
 def _seq_cls(base: str, pad_id: int):
     import torch
     from transformers import AutoModelForSequenceClassification
-
     from transformers.utils import logging as hf_logging
 
     on_gpu = torch.cuda.is_available()
