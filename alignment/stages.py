@@ -108,8 +108,19 @@ def shard_key(*parts: object) -> str:
     return hash_obj(parts)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a scheduler's preemption or timeout) turned into a clean stop.
+
+    A KeyboardInterrupt so that everything that already stops cleanly on Ctrl-C (stage error
+    events, lock release, killing a trainer subprocess) does the same here."""
+
+
 def error_message(err: BaseException) -> str:
     """One line for events.jsonl / `selfalign status`."""
+    # Inside a flow run Prefect's own SIGTERM handler raises its TerminationSignal first (matched
+    # by name: alignment/ does not import Prefect); the CLI's handler then raises Terminated.
+    if isinstance(err, Terminated) or type(err).__name__ == "TerminationSignal":
+        return "terminated (SIGTERM)"
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C / SIGINT)"
     return f"{type(err).__name__}: {err}"

@@ -15,6 +15,7 @@ from pathlib import Path
 EXIT_USER = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -51,6 +52,32 @@ def _ui_hint() -> str:
     return "none (temporary server); run `make ui` and export PREFECT_API_URL=http://127.0.0.1:4200/api to watch runs live"
 
 
+def _stop_on_sigterm():
+    """SIGTERM raises :class:`alignment.stages.Terminated` in the main thread, so a preempted or
+    ``kill``-ed run stops like Ctrl-C: the stage records why, the lock is released, a trainer
+    subprocess is stopped. (A run killed without a chance to clean up is resumable too.)"""
+    import signal
+    import threading
+
+    from alignment.stages import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> int:
     from alignment.runs import open_run
 
@@ -67,18 +94,24 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> 
     from flows.registry import flow_for
 
     print(f"selfalign: {parsed.algorithm} run directory {store.root}", flush=True)
+    previous = _stop_on_sigterm()
     try:
         result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
-    except KeyboardInterrupt:
-        store.log_event("error", message="interrupted (Ctrl-C)")
-        print(f"\nselfalign: interrupted; the run is resumable: selfalign resume {store.root}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+        from alignment.stages import Terminated, error_message
+
+        store.log_event("error", message=error_message(err))
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"\nselfalign: {what}; the run is resumable: selfalign resume {store.root}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except errors as err:
         return _fail(str(err))
     except Exception as err:  # a real failure: say where, keep the run resumable
         print(f"selfalign: run failed: {type(err).__name__}: {err}", file=sys.stderr)
         print(f"selfalign: fix the cause, then: selfalign resume {store.root}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        _restore_sigterm(previous)
     print("selfalign: done")
     names = {"run_dir": "run directory"}
     for key, value in result.items():

@@ -190,3 +190,32 @@ def test_disk_full_while_writing_is_a_clear_error(tmp_path, recipe, prefect_harn
     assert "No space left on device (errno 28); free some disk space and resume the run" in err[0]
     assert not list((tmp_path / "run").rglob("*.tmp-*"))
     assert not (tmp_path / "run" / "lock").exists()
+
+
+def test_sigterm_stops_cleanly_and_the_run_resumes(tmp_path, recipe, prefect_harness):
+    """`kill PID` / a scheduler's preemption: exit 143, the stage records "terminated (SIGTERM)",
+    the lock is released, the shard on disk is kept and a resume finishes the run."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), SELFALIGN_CRASH_AT="iter1/generate/shard0",
+               SELFALIGN_CRASH_SIGNAL="SIGTERM",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe), "--run-dir", str(run),
+                           "--set", "engine.shard_size=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"terminated (SIGTERM); the run is resumable: selfalign resume {run}" in proc.stderr
+    assert not (run / "lock").exists()
+    store = RunStore.open(run)
+    assert ("error", "generate", "terminated (SIGTERM)") in {(e["event"], e["stage"], e.get("message"))
+                                                             for e in store.events()}
+    assert store.read_shards(1, "generate", key=next(iter(_shard_keys(run))))  # shard 0 kept
+    env.pop("SELFALIGN_CRASH_AT")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "resume", str(run)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "iter 1 generate: 1/2 shards already done" in proc.stdout + proc.stderr
+
+
+def _shard_keys(run):
+    return [p.name for p in (run / "iter_1" / "generate" / "shards").iterdir()]
