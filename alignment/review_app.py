@@ -735,14 +735,15 @@ def create_app(run_dir) -> Starlette:
         name = request.path_params["stage"]
         if name not in data.complete_stages(t) or data.table_hash(t, name) is None:
             raise HTTPException(404, f"iteration {t} has no complete table stage {name!r}")
-        rows = data.rows(t, name)
+        # The same cached Arrow table the prompt pages index (meta stages): only this page becomes Python.
+        rows = data.indexed(t, name)
         try:
             query = parse_query(request.query_params)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
         pages = max(1, math.ceil(len(rows) / query.per_page))
         page = min(query.page, pages)
-        shown = rows[(page - 1) * query.per_page: page * query.per_page]
+        shown = rows.table.slice((page - 1) * query.per_page, query.per_page).to_pylist()
         columns = list(dict.fromkeys(k for r in shown for k in r))
         return render(request, "stage.html", {"t": t, "stage": name, "rows": shown, "columns": columns,
                                               "total": len(rows), "page": page, "pages": pages, "query": query})
