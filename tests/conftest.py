@@ -85,3 +85,12 @@ def prompts_file(tmp_path) -> Path:
     p = tmp_path / "prompts.jsonl"
     p.write_text("".join(f'{{"prompt": "Question number {i}?"}}\n' for i in range(4)))
     return p
+
+
+def restore_sigint() -> None:
+    """``preexec_fn`` for a child a test interrupts with SIGINT: back to its default, so Python turns
+    it into KeyboardInterrupt as in a terminal. A test run started in the background (`make test &`,
+    some CI runners) inherits SIGINT *ignored*, and an ignored signal stays ignored across exec."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, write_recipe
+from tests.conftest import REPO, restore_sigint, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -81,16 +81,9 @@ def cli(setup, *args: str, crash: str | None = None, sig: str = "SIGKILL", timeo
         env.update(SELFALIGN_CRASH_AT=crash, SELFALIGN_CRASH_SIGNAL=sig)
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=setup["root"], env=env,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=interruptible)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=restore_sigint)
     proc.seconds = time.monotonic() - started
     return proc
-
-
-def interruptible() -> None:
-    """In the child: SIGINT back to its default, so Python turns it into KeyboardInterrupt as in a
-    terminal. A test run started in the background (`make test &`, some CI runners) inherits SIGINT
-    *ignored*, and an ignored signal stays ignored across exec: the Ctrl-C step would never stop."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def status(run_dir: Path) -> str:

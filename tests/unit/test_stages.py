@@ -24,6 +24,7 @@ from alignment.stages import (
     shard_totals,
 )
 from alignment.store import RunStore
+from tests.conftest import restore_sigint
 
 ROWS = [{"prompt_id": f"p{i}", "x": i} for i in range(5)]
 
@@ -217,10 +218,8 @@ def test_interrupted_stages_and_lock_state(store):
 
 
 def _child(code: str, **env):
-    # SIGINT reset to its default in the child: under a backgrounded test run it arrives ignored.
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=dict(os.environ, **env),
-                          capture_output=True, text=True, timeout=60,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          capture_output=True, text=True, timeout=60, preexec_fn=restore_sigint)
 
 
 def test_crash_point_kills_only_at_its_name():
