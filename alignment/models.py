@@ -111,7 +111,7 @@ def resolve(ref: str) -> ResolvedModel:
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
-            base_ref = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base_ref = adapter_config(path)["base_model_name_or_path"]
             base = resolve(base_ref)
             if base.adapter:
                 raise ModelError(f"adapter {path} is stacked on another adapter ({base_ref}); merge it first")
@@ -126,6 +126,36 @@ def resolve(ref: str) -> ResolvedModel:
     raise ModelError(
         f"unknown model {ref!r}: use {', '.join(sorted(EMBEDDED))}, a local model/adapter directory, or a hub id org/name"
     )
+
+
+def adapter_config(adapter_dir: str | Path) -> dict:
+    """A PEFT adapter's ``adapter_config.json``, checked for what this project reads from it: a
+    JSON object naming its base (``base_model_name_or_path``, a non-empty string). Anything else
+    is a :class:`ModelError` naming the file, so the CLI reports it in one line (exit 2)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read the adapter config ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text; an adapter config must be JSON") from None
+    except ValueError as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise ModelError(f"{path}: needs 'base_model_name_or_path' (the base model the adapter was trained on) "
+                         "as a non-empty string")
+    return data
+
+
+def adapter_rank(adapter_dir: str | Path | None) -> int:
+    """The LoRA rank r of an adapter (the largest one, counting per-module ``rank_pattern``), 0 for
+    no adapter: what an engine's ``max_lora_rank`` must hold to serve it."""
+    if adapter_dir is None:
+        return 0
+    cfg = adapter_config(adapter_dir)
+    ranks = [cfg.get("r") or 0, *(cfg.get("rank_pattern") or {}).values()]
+    return max(int(r) for r in ranks if isinstance(r, (int, float)))
 
 
 def with_adapter(model: ResolvedModel, adapter_dir: str | Path | None) -> ResolvedModel:

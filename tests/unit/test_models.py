@@ -34,3 +34,38 @@ def test_bad_references_are_clear(ref):
 def test_dir_without_config(tmp_path):
     with pytest.raises(ModelError, match="neither config.json"):
         resolve(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "base_model_name_or_path"),
+    ('{"r": 8}', "base_model_name_or_path"),
+    ('{"base_model_name_or_path": 7}', "base_model_name_or_path"),
+    ('{"base_model_name_or_path": ""}', "base_model_name_or_path"),
+])
+def test_broken_adapter_config_is_a_model_error_naming_the_file(tmp_path, content, says):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(content)
+    with pytest.raises(ModelError, match=says) as err:
+        resolve(str(adapter))
+    assert str(adapter / "adapter_config.json") in str(err.value)
+
+
+def test_cli_reports_a_broken_adapter_in_one_line(tmp_path, prompts_file):
+    """The user-facing contract: exit 2, one line naming the file, no traceback, no run dir."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, write_recipe
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{not json")
+    recipe = write_recipe(tmp_path / "r.yaml", str(adapter), prompts_file)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe), "--run-dir", str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert str(adapter / "adapter_config.json") in proc.stderr
+    assert not (tmp_path / "run").exists()
