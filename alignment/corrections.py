@@ -13,7 +13,12 @@ Actions:
                      recomputed and the prompt's pair re-selected with ``build_pairs``;
 - ``note``           free text, changes no data.
 
-:func:`apply_corrections` is pure; only :func:`add_correction` / :func:`load_corrections`
+Corrections apply in the order they were recorded, each to what the earlier ones left
+(later wins): a swap then an override gives the pair the corrected scores select; an override
+then a swap gives that pair flipped. An exclusion holds whatever comes after it.
+:func:`review` is the one implementation; training, export and the review app all use it.
+
+:func:`review` is pure; only :func:`add_correction` / :func:`load_corrections`
 touch the run directory, through ``alignment.store``.
 """
 
@@ -25,9 +30,10 @@ import json
 import math
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from alignment.pairs import build_pairs
+from alignment.pairs import build_pairs, group_by_prompt
 from alignment.training import to_conversational
 
 ACTIONS = ("exclude_pair", "swap", "override_score", "note")
@@ -163,11 +169,23 @@ def load_corrections(store, iteration: int | None = None) -> list[dict]:
 # ---------------------------------------------------------------------------- applying
 
 
+def rescored(row: dict, judgment_index: int, value: float) -> dict:
+    """A copy of a judge row with one judgment's score replaced.
+
+    mean_score = mean of the non-None scores (None if there are none); n_failed = number of None scores.
+    """
+    scores = list(row["scores"])
+    scores[judgment_index] = float(value)
+    valid = [s for s in scores if s is not None]
+    return {**row, "scores": scores, "mean_score": sum(valid) / len(valid) if valid else None,
+            "n_failed": len(scores) - len(valid)}
+
+
 def override_scores(judge_rows: list[dict], overrides: list[dict]) -> tuple[list[dict], set[str], list[str]]:
     """Judge rows with the overridden scores (copies of changed rows), touched prompts, applied ids.
 
-    mean_score = mean of the non-None scores; n_failed = number of None scores.
-    Later overrides of the same judgment win (append order).
+    Overrides are applied in the order given (append order), so a later override of the same
+    judgment wins. One that names no existing judgment is skipped.
     """
     by_key = {(r["prompt_id"], int(r["response_index"])): i for i, r in enumerate(judge_rows)}
     rows = list(judge_rows)
@@ -176,20 +194,13 @@ def override_scores(judge_rows: list[dict], overrides: list[dict]) -> tuple[list
         i = by_key.get((c["prompt_id"], int(c["response_index"])))
         if i is None or not 0 <= int(c["judgment_index"]) < len(rows[i]["scores"]):
             continue
-        if rows[i] is judge_rows[i]:
-            rows[i] = {**rows[i], "scores": list(rows[i]["scores"])}
-        rows[i]["scores"][int(c["judgment_index"])] = float(c["value"])
+        rows[i] = rescored(rows[i], int(c["judgment_index"]), c["value"])
         touched.add(c["prompt_id"])
         applied.append(c["id"])
-    for i, row in enumerate(rows):
-        if row is not judge_rows[i]:
-            valid = [s for s in row["scores"] if s is not None]
-            row["mean_score"] = sum(valid) / len(valid) if valid else None
-            row["n_failed"] = len(row["scores"]) - len(valid)
     return rows, touched, applied
 
 
-def _swap(pair: dict) -> dict:
+def swap_pair(pair: dict) -> dict:
     """The pair with every ``chosen*`` field exchanged with its ``rejected*`` counterpart."""
     out = dict(pair)
     for key in pair:
@@ -200,55 +211,96 @@ def _swap(pair: dict) -> dict:
     return out
 
 
+@dataclass
+class PromptReview:
+    """One prompt's pair after its corrections, replayed in the order they were recorded."""
+
+    pair: dict | None  # the pair training gets, before exclusion (None: no pair)
+    excluded: bool = False
+    swapped: bool = False  # the pair is flipped relative to the one its scores select
+    reselected: bool = False  # an override re-selected the pair from the corrected scores
+    applied: list[str] = field(default_factory=list)
+
+
+def review_prompt(pair: dict | None, rows: list[dict], corrections: list[dict], rho: float = 0.0) -> PromptReview:
+    """Replay one prompt's corrections in the order given; a later correction acts on what the
+    earlier ones left (later wins).
+
+    - ``override_score``: the judgment's score is replaced, then the pair is re-selected from the
+      corrected scores (:func:`alignment.pairs.build_pairs` over ``rows``, the prompt's judge
+      rows). This replaces an earlier swap: the scores now decide.
+    - ``swap``: chosen and rejected of the pair as it stands are exchanged (a second swap undoes it).
+    - ``exclude_pair``: the prompt's pair is dropped from training, whatever comes after.
+
+    Applied ids: an override that found its judgment, a swap that found a pair not excluded,
+    an exclusion of a prompt that ends with a pair. Notes change nothing.
+    """
+    out = PromptReview(pair)
+    excludes: list[str] = []
+    for c in corrections:
+        action = c.get("action")
+        if action == "override_score":
+            rows, _, hit = override_scores(rows, [c])
+            if not hit:
+                continue
+            out.pair = next(iter(build_pairs(rows, rho)[0]), None)
+            out.swapped, out.reselected = False, True
+            out.applied.append(c["id"])
+        elif action == "swap" and out.pair is not None and not out.excluded:
+            out.pair, out.swapped = swap_pair(out.pair), not out.swapped
+            out.applied.append(c["id"])
+        elif action == "exclude_pair":
+            out.excluded = True
+            excludes.append(c["id"])
+    if out.pair is not None:
+        out.applied += excludes
+    return out
+
+
+@dataclass
+class Reviewed:
+    """An iteration's pairs after its corrections (what training, export and the review app use)."""
+
+    pairs: list[dict]  # training order
+    applied: list[str]  # ids of the corrections that acted, in the order recorded
+    prompts: dict[str, PromptReview]  # the prompts that have corrections
+
+
+def review(judge_rows: list[dict], pair_rows: list[dict], corrections: list[dict], rho: float = 0.0) -> Reviewed:
+    """Apply one iteration's corrections in the order they were recorded, prompt by prompt
+    (:func:`review_prompt`; prompts do not affect each other).
+
+    Order of the result: the stored pairs' order, a re-selected pair in its prompt's place;
+    a prompt that had no pair (a tie an override broke) comes last, in judge order. Only the
+    overridden prompts' rows of ``judge_rows`` are used, so a caller may pass just those; the
+    result is the same. Inputs are not modified.
+    """
+    by_prompt: dict[str, list[dict]] = {}
+    for c in corrections:
+        if c.get("action") in ("exclude_pair", "swap", "override_score"):
+            by_prompt.setdefault(c["prompt_id"], []).append(c)
+    stored = {p["prompt_id"]: p for p in pair_rows}
+    rows = group_by_prompt(r for r in judge_rows if r["prompt_id"] in by_prompt)
+    prompts = {pid: review_prompt(stored.get(pid), rows.get(pid, []), cs, rho) for pid, cs in by_prompt.items()}
+
+    def kept(pid: str, pair: dict) -> dict | None:
+        done = prompts.get(pid)
+        return pair if done is None else None if done.excluded else done.pair
+
+    pairs = [kept(p["prompt_id"], p) for p in pair_rows]
+    pairs += [kept(pid, None) for pid in rows if pid not in stored]
+    applied = {i for done in prompts.values() for i in done.applied}
+    return Reviewed(pairs=[p for p in pairs if p is not None],
+                    applied=[c["id"] for c in corrections if c.get("id") in applied], prompts=prompts)
+
+
 def apply_corrections(
     judge_rows: list[dict], pair_rows: list[dict], corrections: list[dict], rho: float = 0.0
 ) -> tuple[list[dict], list[str]]:
-    """Pairs after the corrections of one iteration, and the ids of the corrections that changed them.
-
-    Order: (1) score overrides are applied to the judge rows and the pairs of the touched
-    prompts are re-selected with :func:`alignment.pairs.build_pairs` (a prompt can gain, lose
-    or change its pair; a gained pair goes last); other prompts keep their stored pair. Only
-    the overridden prompts' rows of ``judge_rows`` are used, so a caller may pass just those. (2) ``exclude_pair`` drops a
-    prompt's pair. (3) each ``swap`` flips chosen/rejected, so an even number cancels out.
-    Notes, and corrections that find nothing to act on (a swap on a tie, a swap on an
-    excluded pair), are not in the applied ids. Inputs are not modified.
-    """
-    overrides = [c for c in corrections if c.get("action") == "override_score"]
-    pairs = list(pair_rows)
-    applied: list[str] = []
-    if overrides:
-        judge_rows, touched, applied = override_scores(judge_rows, overrides)
-        touched_rows = [r for r in judge_rows if r["prompt_id"] in touched]
-        rebuilt = {p["prompt_id"]: p for p in build_pairs(touched_rows, rho)[0]}
-        pairs = _replace_pairs(pairs, touched, rebuilt)
-
-    excluded = {c["prompt_id"] for c in corrections if c.get("action") == "exclude_pair"}
-    present = {p["prompt_id"] for p in pairs}
-    applied += [c["id"] for c in corrections if c.get("action") == "exclude_pair" and c["prompt_id"] in present]
-    pairs = [p for p in pairs if p["prompt_id"] not in excluded]
-
-    swaps: dict[str, list[str]] = {}
-    for c in corrections:
-        if c.get("action") == "swap":
-            swaps.setdefault(c["prompt_id"], []).append(c["id"])
-    out = []
-    for p in pairs:
-        ids = swaps.get(p["prompt_id"], [])
-        applied += ids
-        out.append(_swap(p) if len(ids) % 2 else p)
-    return out, applied
-
-
-def _replace_pairs(pairs: list[dict], touched: set[str], rebuilt: dict[str, dict]) -> list[dict]:
-    """Stored pairs with the touched prompts' pairs replaced by ``rebuilt`` in place; pairs of
-    prompts that had none (a tie an override broke) come last, in judge order.
-
-    The order depends only on the stored pairs and the rebuilt ones, so passing only the
-    touched prompts' judge rows gives the same result as passing all of them.
-    """
-    out = [rebuilt.get(p["prompt_id"]) if p["prompt_id"] in touched else p for p in pairs]
-    stored = {p["prompt_id"] for p in pairs}
-    return [p for p in out if p is not None] + [p for pid, p in rebuilt.items() if pid not in stored]
+    """Pairs after the corrections of one iteration and the ids of the corrections that acted
+    (:func:`review`, which says the rule)."""
+    reviewed = review(judge_rows, pair_rows, corrections, rho)
+    return reviewed.pairs, reviewed.applied
 
 
 # ---------------------------------------------------------------------------- reviewed data

@@ -35,12 +35,13 @@ from starlette.templating import Jinja2Templates
 
 from alignment.corrections import (
     EXPORT_FORMATS,
+    PromptReview,
     add_correction,
-    apply_corrections,
     encode_pairs,
     load_corrections,
     override_scores,
     pairs_rho,
+    review,
 )
 from alignment.pairs import group_by_prompt, select_pair
 from alignment.store import DATA_FILE, RunStore, StoreError
@@ -181,6 +182,7 @@ class IterationState:
     overridden: dict[tuple[str, int, int], float]  # (prompt_id, response_index, judgment_index) -> original
     corrections: dict[str, list[dict]]  # prompt_id -> corrections, append order
     applied: set[str]
+    reviewed: dict[str, PromptReview]  # prompt_id -> excluded / swapped, for the prompts with corrections
     summaries: list[dict] = field(default_factory=list)  # one per prompt, dataset order
     stats: dict = field(default_factory=dict)
 
@@ -271,18 +273,18 @@ def build_state(t: int, judge: JudgeTable, pair_rows: list[dict] | None,
             for j, (a, b) in enumerate(zip(before["scores"], after["scores"])):
                 if a != b:
                     overridden[(before["prompt_id"], int(before["response_index"]), j)] = a
-    applied: list[str] = []
-    pairs: dict[str, dict] = {}
-    if pair_rows is not None:
-        # Only the overridden prompts need their full rows (texts) to rebuild their pairs.
-        effective, applied = apply_corrections(judge.rows(touched), pair_rows, corrections, rho)
-        pairs = {p["prompt_id"]: p for p in effective}
+    # The same replay training uses (corrections.review). Without a pairs stage there is no pair
+    # to correct yet, but exclusions still show. Only the overridden prompts need their full rows
+    # (texts) to re-select their pairs.
+    reviewed = review(judge.rows(touched) if pair_rows is not None else [], pair_rows or [], corrections, rho)
+    pairs = {p["prompt_id"]: p for p in reviewed.pairs} if pair_rows is not None else {}
+    applied = reviewed.applied if pair_rows is not None else []
     by_prompt_corr: dict[str, list[dict]] = {}
     for c in corrections:
         by_prompt_corr.setdefault(c.get("prompt_id"), []).append(c)
     state = IterationState(t=t, rho=rho, has_pairs=pair_rows is not None, judge=judge,
                            light=group_by_prompt(light), pairs=pairs, overridden=overridden,
-                           corrections=by_prompt_corr, applied=set(applied))
+                           corrections=by_prompt_corr, applied=set(applied), reviewed=reviewed.prompts)
     state.summaries = [summarize(pid, rows, state) for pid, rows in state.light.items()]
     state.stats = iteration_stats(state, pair_rows)
     return state
@@ -305,8 +307,9 @@ def summarize(prompt_id: str, rows: list[dict], state: IterationState) -> dict:
     """What the filters and sorts of the browser need about one prompt."""
     pair = state.pairs.get(prompt_id)
     corrections = state.corrections.get(prompt_id, [])
-    excluded = any(c["action"] == "exclude_pair" for c in corrections)
-    swapped = sum(c["action"] == "swap" for c in corrections) % 2 == 1
+    reviewed = state.reviewed.get(prompt_id)
+    excluded = reviewed is not None and reviewed.excluded
+    swapped = reviewed is not None and reviewed.swapped
     variances = [r["variance"] for r in rows if r["variance"] is not None]
     scored = [r for r in rows if r["mean_score"] is not None]
     if pair is not None:
@@ -724,7 +727,7 @@ def create_app(run_dir) -> Starlette:
         state = state_of(t)
         if not state.has_pairs:
             raise HTTPException(404, f"iteration {t} has no complete pairs stage yet")
-        # state.pairs is apply_corrections' output, as in reviewed_pairs (what training gets).
+        # state.pairs is corrections.review's output, as in reviewed_pairs (what training gets).
         body = encode_pairs(list(state.pairs.values()), fmt)
         media = "application/x-ndjson" if fmt == "jsonl" else "application/vnd.apache.parquet"
         return Response(body, media_type=media, headers={

@@ -595,3 +595,102 @@ def test_overview_statistics_follow_overrides(client):
     assert after["histogram"][6] == 8 and after["histogram"][1] == 1
     assert after["mean_score"] == pytest.approx(before["mean_score"] + (0.5 - 3) / 20)
     assert data.state(1).light["p-tie"][0]["variance"] == pytest.approx(((0.5 - 13 / 6) ** 2 + 2 * (3 - 13 / 6) ** 2) / 3)
+
+
+# ---------------------------------------------------------------------------- corrections order (issue 11, item 3)
+# p-pair: r0 [4, 4, 4] (30 tok), r1 [1, 1, 1] (80 tok), r2 [3, 3, 3] (50 tok): pair chosen 0 / rejected 1.
+# Overriding r0's judgment 0 to 0 makes r0's mean 8/3 < 3, so the scores select chosen 2 / rejected 1.
+
+SWAP = record("swap", "p-pair", id="swap")
+LOWER_R0 = record("override_score", "p-pair", response_index=0, judgment_index=0, value=0.0, id="lower-r0")
+
+
+def pair_of(pairs: list[dict], prompt_id: str = "p-pair") -> tuple[int, int] | None:
+    pair = next((p for p in pairs if p["prompt_id"] == prompt_id), None)
+    return None if pair is None else (pair["chosen_index"], pair["rejected_index"])
+
+
+def test_a_later_override_reselects_the_pair_an_earlier_swap_flipped():
+    rows = judge_rows()
+    pairs, _ = build_pairs(rows)
+    out, applied = apply_corrections(rows, pairs, [SWAP, LOWER_R0])
+    assert pair_of(out) == (2, 1)  # the override, recorded last, decides: the scores' pair
+    assert applied == ["swap", "lower-r0"]
+
+
+def test_a_later_swap_flips_the_pair_an_earlier_override_selected():
+    rows = judge_rows()
+    pairs, _ = build_pairs(rows)
+    out, _ = apply_corrections(rows, pairs, [LOWER_R0, SWAP])
+    assert pair_of(out) == (1, 2)
+    pair = next(p for p in out if p["prompt_id"] == "p-pair")
+    assert (pair["chosen_score"], pair["rejected_score"]) == (1.0, 3.0)
+
+
+def replay_one(rows: list[dict], pairs: list[dict], excluded: set[str], c: dict, rho: float = 0.0):
+    """Reference semantics of one correction on the state left by the earlier ones
+    (judge rows, pairs by prompt, excluded prompts): the rule written out, prompt by prompt."""
+    pid = c["prompt_id"]
+    if c["action"] == "override_score":
+        rows = [dict(r, scores=[c["value"] if j == c["judgment_index"] else s for j, s in enumerate(r["scores"])])
+                if (r["prompt_id"], r["response_index"]) == (pid, c["response_index"]) else r for r in rows]
+        for r in rows:
+            valid = [s for s in r["scores"] if s is not None]
+            r["mean_score"] = sum(valid) / len(valid) if valid else None
+        reselected = {p["prompt_id"]: p for p in build_pairs([r for r in rows if r["prompt_id"] == pid], rho)[0]}
+        pairs = {**pairs, pid: reselected.get(pid)}
+    elif c["action"] == "swap" and pairs.get(pid) is not None and pid not in excluded:
+        p = pairs[pid]
+        pairs = {**pairs, pid: {**p, **{f"{a}{k}": p[f"{b}{k}"] for a, b in (("chosen", "rejected"), ("rejected", "chosen"))
+                                        for k in ("", "_index", "_score", "_length")}}}
+    elif c["action"] == "exclude_pair":
+        excluded = excluded | {pid}
+    return rows, pairs, excluded
+
+
+def random_corrections(rng, n: int) -> list[dict]:
+    shape = {r["prompt_id"]: {} for r in judge_rows()}
+    for r in judge_rows():
+        shape[r["prompt_id"]][r["response_index"]] = len(r["scores"])
+    out = []
+    for i in range(n):
+        pid = rng.choice(sorted(shape))
+        action = rng.choice(["swap", "swap", "override_score", "override_score", "exclude_pair", "note"])
+        c = record(action, pid, id=f"c{i}")
+        if action == "override_score":
+            ri = rng.choice(sorted(shape[pid]))
+            c.update(response_index=ri, judgment_index=rng.randrange(shape[pid][ri]), value=rng.choice([0.0, 1.5, 3.0, 5.0]))
+        out.append(c)
+    return out
+
+
+def test_corrections_apply_in_the_order_recorded_random_sequences():
+    """For 300 random sequences: the result equals replaying the corrections one by one."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(300):
+        corrections = random_corrections(rng, rng.randrange(1, 8))
+        rows = [dict(r) for r in judge_rows()]
+        stored, _ = build_pairs(rows)
+        state = (rows, {p["prompt_id"]: p for p in stored}, set())
+        for c in corrections:
+            state = replay_one(*state, c)
+        _, by_prompt, excluded = state
+        expected = {pid: (p["chosen_index"], p["rejected_index"]) for pid, p in by_prompt.items()
+                    if p is not None and pid not in excluded}
+        out, _ = apply_corrections(judge_rows(), stored, corrections)
+        assert {p["prompt_id"]: (p["chosen_index"], p["rejected_index"]) for p in out} == expected, corrections
+
+
+def test_app_shows_what_training_gets_after_swap_then_override(client, run):
+    post(client, "swap", "p-pair")
+    assert "swapped</span>" in client.get("/iter/1/prompt?id=p-pair").text
+    post(client, "override_score", "p-pair", response_index=0, judgment_index=0, value="0")
+    pairs, _ = reviewed_pairs(run, 1)
+    assert pair_of(pairs) == (2, 1)
+    page = client.get("/iter/1/prompt?id=p-pair").text
+    assert re.search(r'class="resp chosen" data-response="2"', page)
+    assert re.search(r'class="resp rejected" data-response="1"', page)
+    assert "swapped</span>" not in page  # the override re-selected the pair: it is not swapped any more
+    assert client.get("/iter/1/export?format=jsonl").content == export_pairs(run, 1, "jsonl")
