@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from alignment.generation import EngineSpec, Generator, open_generator
-from alignment.models import ResolvedModel, resolve, with_adapter
+from alignment.models import ResolvedModel, adapter_rank, resolve, with_adapter
 from alignment.stages import Log, Progress
 from alignment.store import RunStore, hash_obj, sha256_file
 
@@ -63,7 +63,13 @@ class IterativeRun:
         return hash_obj({"model": self.recipe.model, "adapter": sha256_file(Path(m.adapter) / "adapter_model.safetensors")})
 
     def _rel(self, path: str | Path | None) -> str | None:
-        return None if path is None else Path(path).resolve().relative_to(self.store.root.resolve()).as_posix()
+        """How a manifest records an adapter: relative to the run directory when inside it (the run
+        can be moved), else absolute (the recipe's own adapter, which M_{t+1} keeps when iteration t
+        trains nothing). ``adapter`` reads either: ``root / absolute`` is the absolute path."""
+        if path is None:
+            return None
+        p = Path(path).resolve()
+        return p.relative_to(self.store.root.resolve()).as_posix() if p.is_relative_to(self.store.root.resolve()) else str(p)
 
     # ---- the engine --------------------------------------------------------------------
     def needs_lora(self) -> bool:
@@ -71,6 +77,7 @@ class IterativeRun:
         return self.recipe.iterations > 1 or self.base.adapter is not None
 
     def lora_rank(self) -> int:
+        """The LoRA rank of the adapters this run trains (the engine also fits the recipe's own adapter)."""
         return self.recipe.train.lora.r
 
     def generator(self) -> Generator:
@@ -81,17 +88,23 @@ class IterativeRun:
                 base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
                 max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
                 gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                enable_lora=self.needs_lora(), max_lora_rank=lora_rank_slot(self.lora_rank()), batch_size=e.batch_size,
+                enable_lora=self.needs_lora(), batch_size=e.batch_size,
+                # An adapter given as the model keeps its own rank (DPO trains on from it), which
+                # may exceed the recipe's: vLLM refuses adapters above max_lora_rank.
+                max_lora_rank=lora_rank_slot(max(self.lora_rank(), adapter_rank(self.base.adapter))),
             )
             self.log(f"starting {e.backend} engine for {self.base.base}")
             self._generator = open_generator(spec)
             self.log(f"engine ready ({self._generator.backend})")
         return self._generator
 
-    def close(self) -> None:
-        if self._generator is not None:
-            self._generator.close()
-            self._generator = None
+    def close(self) -> bool:
+        """Stop the engine (it restarts on the next use); True if one was running."""
+        if self._generator is None:
+            return False
+        self._generator.close()
+        self._generator = None
+        return True
 
     # ---- stage helpers -----------------------------------------------------------------
     def _section_hash(self, *names: str, **extra) -> str:

@@ -14,8 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignment.meta_rewarding import MetaRewardingRun
-from flows.common import _key, open_run, progress_factory, publish_iteration
-from flows.review_gate import review_gate
+from flows.common import artifact_key, open_run, progress_factory, publish_iteration
+from flows.review_gate import before_training
 
 TASK = dict(cache_policy=NO_CACHE, retries=0)
 ARTIFACT_ROWS = 200
@@ -116,16 +116,16 @@ def publish_meta(run: MetaRewardingRun, t: int, per_iteration: list[dict]) -> No
     name = store.run_info().get("name", store.root.name)
     if run.recipe.trains_judge(t):
         judge_pairs = store.read_rows(t, "judge_pairs")
-        create_table_artifact(key=_key(name, "iter", t, "battles"),
+        create_table_artifact(key=artifact_key(name, "iter", t, "battles"),
                               table=battle_table(store.read_rows(t, "meta_judge")) or [{"prompt_id": "(no battles)"}],
                               description=f"iteration {t} meta-judge battles (first {ARTIFACT_ROWS})")
-        create_table_artifact(key=_key(name, "iter", t, "elo"),
+        create_table_artifact(key=artifact_key(name, "iter", t, "elo"),
                               table=elo_table(store.read_rows(t, "elo"), judge_pairs) or [{"prompt_id": "(no ratings)"}],
                               description=f"iteration {t} Elo ratings of judgments per prompt (first {ARTIFACT_ROWS})")
-        create_table_artifact(key=_key(name, "iter", t, "judge-pairs"),
+        create_table_artifact(key=artifact_key(name, "iter", t, "judge-pairs"),
                               table=judge_pairs_table(judge_pairs) or [{"prompt_id": "(no judge pairs)"}],
                               description=f"iteration {t} judge pairs (first {ARTIFACT_ROWS})")
-    create_markdown_artifact(key=_key(name, "length"), markdown=length_markdown(per_iteration),
+    create_markdown_artifact(key=artifact_key(name, "length"), markdown=length_markdown(per_iteration),
                              description="actor and judge pair lengths per iteration")
 
 
@@ -150,11 +150,7 @@ def meta_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides:
                 meta_judge_task(run, t)    # battles between judgments (judge-training iterations only)
                 elo_task(run, t)           # Bradley–Terry ratings of judgments
                 judge_pairs_task(run, t)   # best vs worst judgment
-                if recipe.review.gate and store.manifest(t, "train") is None:
-                    review_gate(store, t, run.metrics(t), review_url=recipe.review.url,
-                                timeout_s=recipe.review.timeout_s, logger=logger)
-                if recipe.train.release_engine:
-                    run.close()  # free the accelerator for the trainer
+                before_training(run, store, recipe, t, logger)  # release the engine (if asked), then the review gate
                 train_task(run, t)         # one DPO step on actor + judge pairs → M_{t+1}
                 metrics = run.metrics(t)
                 per_iteration.append(metrics["length"])

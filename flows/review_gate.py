@@ -9,6 +9,7 @@ from prefect.input import RunInput
 from prefect.settings import PREFECT_API_URL
 
 from alignment.report import summary_markdown
+from alignment.review_urls import iteration_url
 
 
 class ReviewDecision(RunInput):
@@ -34,14 +35,14 @@ def review_gate(store, t: int, metrics: dict, *, review_url: str, timeout_s: int
             "review.gate needs a Prefect server a person can open: run `make ui` and "
             "export PREFECT_API_URL=http://127.0.0.1:4200/api, then `selfalign resume` this run"
         )
-    url = f"{review_url.rstrip('/')}/iterations/{t}"
+    url = iteration_url(review_url, t)
     description = (
         summary_markdown(metrics, review_url=url)
         + f"\n\nReview the judge data at {url} (`selfalign review {store.root}`), "
         "then choose approve, approve_with_corrections or stop."
     )
     logger.info(f"iteration {t}: waiting for review approval in the Prefect UI ({url})")
-    store.log_event("review_wait", t=t, stage="train")
+    store.log_event("review_wait", t=t, stage="train", url=url)
     decision: ReviewDecision = pause_flow_run(
         wait_for_input=ReviewDecision.with_initial_data(description=description), timeout=timeout_s
     )
@@ -49,3 +50,17 @@ def review_gate(store, t: int, metrics: dict, *, review_url: str, timeout_s: int
     if decision.decision == "stop":
         raise ReviewStopped(f"iteration {t}: reviewer stopped the run before training ({decision.note or 'no note'})")
     return decision
+
+
+def before_training(run, store, recipe, t: int, logger) -> None:
+    """What happens between an iteration's data and its training: release the engine if the recipe
+    asks (``train.release_engine``), then the review gate if the recipe has one and t is untrained.
+
+    The release comes first because a review can wait for hours: on a GPU the paused run would
+    otherwise hold the engine's memory for the whole wait.
+    """
+    if recipe.train.release_engine and run.close():
+        store.log_event("engine_released", t=t, stage="train")
+    review = getattr(recipe, "review", None)
+    if review is not None and review.gate and store.manifest(t, "train") is None:
+        review_gate(store, t, run.metrics(t), review_url=review.url, timeout_s=review.timeout_s, logger=logger)

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignment.self_rewarding import SelfRewardingRun
 from flows.common import open_run, progress_factory, publish_iteration
-from flows.review_gate import review_gate
+from flows.review_gate import before_training
 
 TASK = dict(cache_policy=NO_CACHE, retries=0)
 
@@ -58,11 +58,7 @@ def self_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides:
                 generate_task(run, t)
                 judge_task(run, t)
                 pairs_task(run, t)
-                if recipe.review.gate and store.manifest(t, "train") is None:
-                    review_gate(store, t, run.metrics(t), review_url=recipe.review.url,
-                                timeout_s=recipe.review.timeout_s, logger=logger)
-                if recipe.train.release_engine:
-                    run.close()  # free the accelerator for the trainer
+                before_training(run, store, recipe, t, logger)  # release the engine (if asked), then the review gate
                 train_task(run, t)
                 publish_iteration(store, t, run.metrics(t), review_base=recipe.review.url)
         finally:

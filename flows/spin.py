@@ -14,7 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignment.spin import SpinRun, summary_markdown, training_curve
-from flows.common import _key, open_run, progress_factory
+from flows.review_gate import before_training
+from flows.common import artifact_key, open_run, progress_factory
 
 TASK = dict(cache_policy=NO_CACHE, retries=0)
 
@@ -51,11 +52,11 @@ def _cut(s: str | None, n: int = 300) -> str:
 
 def publish_iteration(run: SpinRun, t: int, metrics: dict) -> None:
     name = run.store.run_info().get("name", run.store.root.name)
-    create_markdown_artifact(key=_key(name, "iter", t, "summary"), markdown=summary_markdown(metrics),
+    create_markdown_artifact(key=artifact_key(name, "iter", t, "summary"), markdown=summary_markdown(metrics),
                              description=f"SPIN iteration {t} summary")
     pairs = run.store.read_rows(t, "pairs")
     create_table_artifact(
-        key=_key(name, "iter", t, "pairs"),
+        key=artifact_key(name, "iter", t, "pairs"),
         table=[{"prompt": _cut(p["prompt"]), "chosen (real answer)": _cut(p["chosen"]),
                 "rejected (y′)": _cut(p["rejected"]), "generated in": p["generated_in"]} for p in pairs[:200]]
         or [{"prompt": "(no pairs)"}],
@@ -63,7 +64,7 @@ def publish_iteration(run: SpinRun, t: int, metrics: dict) -> None:
     )
     curve = training_curve(metrics)
     if curve:
-        create_table_artifact(key=_key(name, "iter", t, "curve"), table=curve,
+        create_table_artifact(key=artifact_key(name, "iter", t, "curve"), table=curve,
                               description=f"iteration {t} training curve (loss, reward margin, log-probs per step)")
 
 
@@ -77,7 +78,7 @@ def publish_eval(run: SpinRun, per_iteration: list[dict]) -> None:
                      "loglik/token after": ev.get("loglik_per_token_after"),
                      "win rate (after over before)": ev.get("win_rate"),
                      "final train loss": (m.get("train_metrics") or {}).get("train_loss")})
-    create_table_artifact(key=_key(name, "eval"), table=rows,
+    create_table_artifact(key=artifact_key(name, "eval"), table=rows,
                           description="SPIN held-out evaluation per iteration")
 
 
@@ -98,8 +99,7 @@ def spin_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str]
                 data_task(run, t)
                 generate_task(run, t)      # y′ ~ M_t
                 pairs_task(run, t)         # (x, y, y′), + pairs of t−1
-                if recipe.train.release_engine:
-                    run.close()  # free the accelerator for the trainer
+                before_training(run, store, recipe, t, logger)  # release the engine if the recipe asks
                 train_task(run, t)         # M_{t+1} = argmin SPIN loss against M_t
                 eval_task(run, t)          # held-out: M_t vs M_{t+1}
                 metrics = run.metrics(t)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from alignment.review_urls import iteration_path
 from alignment.store import RunStore
 from tests.conftest import write_recipe
 
@@ -30,8 +31,9 @@ def test_gate_waits_for_the_reviewer(decision, tmp_path, tiny_model_dir, prompts
 
     from flows.self_rewarding import self_rewarding_flow
 
+    # release_engine: the paused run must not hold the engine (on a GPU, its memory) while it waits.
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), prompts_file,
-                          **{"review.gate": "true", "review.timeout_s": 300})
+                          **{"review.gate": "true", "review.timeout_s": 300, "train.release_engine": "true"})
     outcome: dict = {}
 
     def target():
@@ -47,6 +49,11 @@ def test_gate_waits_for_the_reviewer(decision, tmp_path, tiny_model_dir, prompts
     paused = _paused_run(started, outcome)
     store = RunStore.open(tmp_path / "run")
     assert store.manifest(1, "pairs") is not None and store.manifest(1, "train") is None  # paused before training
+    names = [e["event"] for e in store.events()]
+    assert "engine_released" in names and names.index("engine_released") < names.index("review_wait"), names
+    # The link the gate shows is a page the review app serves (its routes come from the same module).
+    wait = next(e for e in store.events() if e["event"] == "review_wait")
+    assert wait["url"].endswith(iteration_path(1)), wait
     resume_flow_run(paused.id, run_input={"decision": decision, "note": "looked at 3 prompts"})
     thread.join(timeout=300)
     events = [e for e in store.events() if e["event"] == "review_decision"]
