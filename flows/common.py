@@ -13,11 +13,12 @@ from prefect.artifacts import (
 )
 
 from alignment.report import judge_table, summary_markdown
+from alignment.review_urls import iteration_url
 from alignment.runs import open_run  # noqa: F401  (re-exported for the flows)
 from alignment.store import RunStore
 
 
-def _key(*parts: object) -> str:
+def artifact_key(*parts: object) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")[:100]
 
 
@@ -35,24 +36,20 @@ def progress_factory(store: RunStore):
     return factory
 
 
-def review_url(base: str, t: int) -> str:
-    return f"{base.rstrip('/')}/iterations/{t}"
-
-
 def publish_iteration(store: RunStore, t: int, metrics: dict, *, review_base: str) -> None:
     name = store.run_info().get("name", store.root.name)
-    url = review_url(review_base, t)
+    url = iteration_url(review_base, t)
     create_markdown_artifact(
-        key=_key(name, "iter", t, "summary"),
+        key=artifact_key(name, "iter", t, "summary"),
         markdown=summary_markdown(metrics, review_url=url),
         description=f"iteration {t} summary",
     )
     create_link_artifact(
-        key=_key(name, "iter", t, "review"), link=url, link_text=f"Review iteration {t} judge data",
+        key=artifact_key(name, "iter", t, "review"), link=url, link_text=f"Review iteration {t} judge data",
         description=f"served by `selfalign review {store.root}`",
     )
     create_table_artifact(
-        key=_key(name, "iter", t, "judge"),
+        key=artifact_key(name, "iter", t, "judge"),
         table=judge_table(store.read_rows(t, "judge")),
         description=f"iteration {t} judge results (first 200 responses)",
     )

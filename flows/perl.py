@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignment.perl import PerlRun
-from flows.common import _key, open_run
+from flows.common import artifact_key, open_run
 
 TASK = dict(cache_policy=NO_CACHE, retries=0)
 
@@ -100,20 +100,20 @@ def _pct(x) -> str:
 
 def publish(run: PerlRun, metrics: dict) -> None:
     name = run.store.run_info().get("name", run.store.root.name)
-    create_markdown_artifact(key=_key(name, "perl", "summary"), markdown=summary_markdown(metrics),
+    create_markdown_artifact(key=artifact_key(name, "perl", "summary"), markdown=summary_markdown(metrics),
                              description="PERL: reward-model accuracy, PPO curve ends, before/after eval")
     curve = (metrics.get("ppo") or {}).get("curve") or []
     if curve:
         cols = ("step", "reward", "kl", "rlhf_reward", "policy_loss", "value_loss", "entropy")
-        create_table_artifact(key=_key(name, "perl", "ppo-curve"), table=[{k: p.get(k) for k in cols} for p in curve],
+        create_table_artifact(key=artifact_key(name, "perl", "ppo-curve"), table=[{k: p.get(k) for k in cols} for p in curve],
                               description="PPO per step: mean reward (RM or function), KL to the initial policy, losses")
     rm_curve = (metrics.get("reward_model") or {}).get("curve") or []
     if rm_curve:
-        create_table_artifact(key=_key(name, "perl", "rm-curve"), table=rm_curve,
+        create_table_artifact(key=artifact_key(name, "perl", "rm-curve"), table=rm_curve,
                               description="reward-model training: loss and batch pairwise accuracy per step")
     samples = run.samples()
     if samples:
-        create_table_artifact(key=_key(name, "perl", "samples"), table=samples,
+        create_table_artifact(key=artifact_key(name, "perl", "samples"), table=samples,
                               description="held-out prompts: initial policy (before) vs PPO policy (after)")
 
 
