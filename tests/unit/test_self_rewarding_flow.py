@@ -116,3 +116,41 @@ def test_training_applies_review_corrections(tmp_path, tiny_model_dir):
     flipped = next(p for p in trained if p["prompt"] == swapped["prompt"])
     assert (flipped["chosen"], flipped["rejected"]) == (swapped["rejected"], swapped["chosen"])
     assert adapter and run.model(2).adapter == adapter
+
+
+def _outside_adapter(where, base_dir, r: int):
+    """A real PEFT LoRA adapter on the tiny base, saved outside any run directory."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(where)
+    return where
+
+
+def test_no_pairs_from_an_adapter_outside_the_run_dir_keeps_that_adapter(tmp_path, tiny_model_dir, prompts_file):
+    adapter = _outside_adapter(tmp_path / "outside-adapter", tiny_model_dir, r=4)
+    recipe_path = write_recipe(tmp_path / "r.yaml", str(adapter), prompts_file)
+    recipe, data = load_recipe(recipe_path)
+    store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
+    run = SelfRewardingRun(store, recipe, log=lambda _: None)
+    store.write_rows(1, "pairs", [], inputs={}, recipe_hash="x")
+    assert run.train(1) == str(adapter.resolve())
+    assert store.manifest(1, "train")["info"]["trained"] is False
+    assert run.model(2).adapter == str(adapter.resolve())
+    assert run.train(1) == str(adapter.resolve())  # and again when the stage is skipped
+
+
+def test_engine_lora_rank_fits_the_starting_adapter(tmp_path, tiny_model_dir, prompts_file):
+    from alignment.iterative import lora_rank_slot
+
+    adapter = _outside_adapter(tmp_path / "outside-adapter", tiny_model_dir, r=32)
+    recipe_path = write_recipe(tmp_path / "r.yaml", str(adapter), prompts_file, **{"train.lora.r": 8})
+    recipe, data = load_recipe(recipe_path)
+    run = SelfRewardingRun(RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm), recipe,
+                           log=lambda _: None)
+    try:
+        assert run.generator().spec.max_lora_rank == lora_rank_slot(32) == 32
+    finally:
+        run.close()
