@@ -25,12 +25,27 @@ from alignment.prompts import render
 
 DIGITS = tuple(str(d) for d in range(6))
 CONSTRAINED_REGEX = r"[^\n]{0,400}\nScore: [0-5]"
-_SCORE_LINE = re.compile(r"score\s*[:：]", re.IGNORECASE)
-# After "Score:": optional markdown, a number, optionally "/5" or "out of 5".
+# Judgments are model output of any length and shape, so both parsers run in linear time:
+# quantifiers are possessive (``*+``, no backtracking) over single character classes, and the
+# LAST label is found by one forward search in the reversed text (a greedy ``.*`` that backs
+# off character by character is linear too, but 5× slower on 1 MB).
+# Blanks: whitespace that does not break a line for ``str.splitlines``.
+BLANK = "\t \xa0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# "Score" starting a word ("Subscore: 4" is no score), blanks, ":" or "：" — reversed.
+_SCORE_LABEL_REVERSED = re.compile(rf"[:：][{BLANK}]*+erocs(?![^\W_])", re.IGNORECASE)
+# After the label: optional markdown/blanks, a number, optionally "/5" or "out of 5".
 _SCORE_VALUE = re.compile(
-    r"score\s*[:：]\s*[*_`\s]*(-?\d+(?:\.\d+)?)\s*(?:(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?",
+    rf"[*_`{BLANK}]*+(-?\d++(?:\.\d++)?+)"
+    rf"(?:[{BLANK}]*+(?:/|out[{BLANK}]++of)[{BLANK}]*+(\d++(?:\.\d++)?+))?+",
     re.IGNORECASE,
 )
+
+
+def end_of_last(reversed_label: re.Pattern, text: str) -> int | None:
+    """Index just after the last match of a label in ``text``, given the label's pattern for
+    the reversed text; None if there is none. One search over ``text[::-1]``: linear."""
+    match = reversed_label.search(text[::-1])
+    return None if match is None else len(text) - match.start()
 
 
 def judge_prompt(question: str, response: str) -> str:
@@ -46,13 +61,13 @@ def parse_score(text: str) -> int | None:
     """
     if not isinstance(text, str):
         return None
-    lines = [ln for ln in text.splitlines() if _SCORE_LINE.search(ln)]
-    if not lines:
+    end = end_of_last(_SCORE_LABEL_REVERSED, text)
+    if end is None:
         return None
-    matches = list(_SCORE_VALUE.finditer(lines[-1]))
-    if not matches:
+    value = _SCORE_VALUE.match(text, end)
+    if value is None:
         return None
-    value, denom = matches[-1].group(1), matches[-1].group(2)
+    value, denom = value.group(1), value.group(2)
     if denom is not None and float(denom) != 5:
         return None
     number = float(value)

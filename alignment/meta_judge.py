@@ -19,6 +19,8 @@ import re
 import statistics
 from itertools import combinations
 
+from alignment.judge import BLANK, end_of_last
+
 # Ratings are on the Elo scale: R = ELO_BASE + ELO_SCALE · log10(strength), strengths
 # normalised to geometric mean 1, so the mean rating of a prompt's judgments is ELO_BASE and a
 # 400-point gap means 10:1 odds of winning.
@@ -32,18 +34,30 @@ VARIANCE_TOL = 1e-12
 
 # ---------------------------------------------------------------- verdict parsing
 
-_WINNER_RE = re.compile(r"winner\s*:", re.IGNORECASE)
+# Linear time on any text (possessive quantifiers, one search for the last label; see
+# alignment.judge). "Winner" must start a word; the verdict is read on the label's line.
+_WINNER_LABEL_REVERSED = re.compile(rf":[{BLANK}]*+renniw(?![^\W_])", re.IGNORECASE)
+_REST_OF_LINE = re.compile(r"[^\n\r\v\f\x1c-\x1e\x85\u2028\u2029]*+")
 # After "Winner:": optional markdown/quotes/brackets, optional "Judgment"/"Judgement", then the
 # letter, which must not run on into a word ("both", "Answer").
 _CHOICE_RE = re.compile(
-    r"""^[\s*_`"'\[(]*(?:judge?ment\s*)?([ab])(?![a-z0-9])""", re.IGNORECASE
+    rf"""[{BLANK}*_`"'\[(]*+(?:judge?ment[{BLANK}]*+)?+([ab])(?![^\W_])""", re.IGNORECASE
 )
-# "Winner: [Judgement A | Judgement B]" (the paper's format line echoed back), "A or B", "A/B":
-# a second candidate letter right after the first means no decision.
-# A bare second letter must end the phrase, so "Judgment A and a clear one" stays "A".
-_SECOND_CHOICE_RE = re.compile(
-    r"""^\W*?(?:\bor\b|\band\b|[|/,&])\s*"""
-    r"""(?:judge?ment\s*[ab](?![a-z0-9])|[ab]\s*(?:$|[\]\)*"'.|,;]))""",
+# A hedge: right after the letter, an alternative ("or", "vs", "versus", "and", "nor", "|",
+# "/", "&", ","), any run of further connectors, hedging adverbs ("maybe", "perhaps", ...) and
+# separators, then a second candidate: "Judgment A|B", a capital "A"/"B" as a word, or a small
+# "a"/"b" that ends the phrase — so "A or maybe B", "A vs B", "[Judgement A | Judgement B]" are
+# no decision, while "Judgment A and a clear one" (an article) and "B, because A misreads
+# the rubric" (a clause) stay clear verdicts. A hedge is a short phrase: at most 40 such
+# pieces are read, which also bounds the time spent on the line.
+_HEDGE_RE = re.compile(
+    rf"""[{BLANK}*_`"'()\[\]{{}}.-]*+"""
+    r"""(?:(?:or|vs|versus|and|nor)(?![^\W_])\.?|[|/&,])"""
+    rf"""(?:[{BLANK}*_`"'(\[]++|(?:or|vs|versus|and|nor)(?![^\W_])\.?|[|/&,]"""
+    r"""|(?:maybe|perhaps|possibly|probably|arguably|rather|also|even|just|equally|potentially)(?![^\W_]))"""
+    r"""{0,40}+"""
+    rf"""(?:judge?ment[{BLANK}]*+[ab](?![^\W_])|(?-i:[AB])(?![^\W_])"""
+    rf"""|[ab][{BLANK}]*+(?:$|[\])}}*_`"'.|,;:!?]))""",
     re.IGNORECASE,
 )
 
@@ -51,22 +65,24 @@ _SECOND_CHOICE_RE = re.compile(
 def parse_verdict(text: str) -> str | None:
     """"A" or "B" from the meta-judge's output, or None for a failed meta-judgment.
 
-    Only the LAST ``Winner:`` in the text counts (case-insensitive): a verdict quoted or
-    drafted earlier in the reasoning is superseded by a later one. The rest of that line must
-    start (after markdown ``*``/``_``, quotes or brackets) with ``Judgment A|B``,
-    ``Judgement A|B`` or a bare ``A|B``; trailing text is allowed (``**Winner: Judgment A**``,
-    ``winner: judgment b.``). If the last ``Winner:`` is not a valid verdict
-    (``Winner: Judgment C``, ``Winner: both``, ``Winner: A or B``) the result is None — we do
-    not fall back to an earlier verdict, because the meta-judge's final word was not a decision.
+    Only the LAST ``Winner:`` in the text counts (case-insensitive, "Winner" starting a word):
+    a verdict quoted or drafted earlier in the reasoning is superseded by a later one. The
+    rest of that line must start (after markdown ``*``/``_``, quotes or brackets) with
+    ``Judgment A|B``, ``Judgement A|B`` or a bare ``A|B``; a clause may follow
+    (``**Winner: Judgment A**``, ``winner: judgment b.``, ``Winner: B, because A misreads
+    the rubric``). If the last ``Winner:`` is not a valid verdict (``Winner: Judgment C``,
+    ``Winner: both``) or hedges (``Winner: A or B``, ``Winner: A or maybe B``,
+    ``Winner: A vs B``, see ``_HEDGE_RE``) the result is None — we do not fall back to an
+    earlier verdict, because the meta-judge's final word was not a decision. Linear time.
     """
-    if not text:
+    if not isinstance(text, str):
         return None
-    matches = list(_WINNER_RE.finditer(text))
-    if not matches:
+    end = end_of_last(_WINNER_LABEL_REVERSED, text)
+    if end is None:
         return None
-    rest = text[matches[-1].end():].split("\n", 1)[0]
+    rest = _REST_OF_LINE.match(text, end).group()
     m = _CHOICE_RE.match(rest)
-    if m is None or _SECOND_CHOICE_RE.match(rest[m.end():]):
+    if m is None or _HEDGE_RE.match(rest, m.end()):
         return None
     return m.group(1).upper()
 
