@@ -53,9 +53,11 @@ def _as_int(record: dict, key: str) -> int:
         raise ValueError(f"{key} must be an integer, got {value!r}")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    raise ValueError(f"{key} must be an integer, got {value!r}")
+    # ASCII and short: "²".isdigit() is true, and int() of 5000 digits raises its own error.
+    text = value.strip() if isinstance(value, str) else ""
+    if 0 < len(text.lstrip("-")) <= 18 and text.isascii() and text.lstrip("-").isdigit():
+        return int(text)
+    raise ValueError(f"{key} must be an integer, got {str(value)[:20]!r}")
 
 
 def _as_score(value) -> float:

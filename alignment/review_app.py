@@ -6,6 +6,17 @@ stages only (a stage without a manifest is listed as in progress), so it can be 
 run that is still being written. Request parameters never become paths: the iteration is an
 int checked against ``store.iterations()``, stage names against the stages the store reports.
 
+It serves on localhost, but any page the reviewer opens can reach localhost, so
+(:func:`guard`, :func:`correct` in :func:`create_app`):
+- only the host names the server was started for are answered (DNS rebinding: a foreign
+  ``Host`` is a 400, so a page on another name cannot read the data or the export);
+- a correction needs the session's CSRF token (an HMAC of the session cookie with a secret of
+  this server process) and, when the browser says where the form came from, this origin
+  (``Origin: null``, a sandboxed frame or a ``data:`` page, is refused);
+- forms are URL-encoded and at most ``MAX_FORM_BYTES`` (no multipart, no uploads);
+- every response carries a CSP without inline script or style, ``frame-ancestors 'none'``,
+  ``X-Frame-Options: DENY`` and ``nosniff``.
+
 Speed on 10,000 prompts: the judge table is kept as Arrow, cached per (iteration, output
 hash); only its small columns (scores, lengths) become Python rows, and a page materialises
 the few dozen prompts it shows. The per-prompt summaries that filters and sorts run over are
@@ -15,13 +26,17 @@ its thread pool and a first table load does not block other requests.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
+import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +44,8 @@ import pyarrow.compute as pc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.middleware import Middleware
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
@@ -44,9 +60,29 @@ from alignment.corrections import (
     review,
 )
 from alignment.pairs import group_by_prompt, select_pair
+from alignment.review_urls import ITERATION_ROUTE
 from alignment.store import DATA_FILE, RunStore, StoreError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "review_templates"
+STYLESHEET = Path(__file__).resolve().parent / "review_static" / "review.css"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+SECURITY_HEADERS = {
+    # No script at all; the one stylesheet is a file of ours (review_static/review.css).
+    "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+    "cache-control": "no-store",  # pages carry the CSRF token and live data
+}
+FORM_TYPE = "application/x-www-form-urlencoded"
+MAX_FORM_BYTES = 64 * 1024  # a 2000-character note is at most 24 KiB URL-encoded
+MAX_FORM_FIELDS = 20
+MAX_INT_DIGITS = 9  # iterations and pages; longer is no page (Python refuses int() over 4300 digits)
+CSRF_FIELD = "csrf_token"
 CORE_STAGES = ("prompts", "generate", "judge", "pairs", "train")
 META_STAGES = ("meta_judge", "elo", "judge_pairs")  # Meta-Rewarding; see docs/data-contracts.md
 FILTERS = {
@@ -410,9 +446,18 @@ def parse_query(params) -> Query:
 
 
 def _positive_int(value: str, name: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    number = small_int(value)
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value[:20]!r}")
+    return number
+
+
+def small_int(text: str) -> int | None:
+    """``text`` as an int if it is 1 to ``MAX_INT_DIGITS`` ASCII digits, else None
+    (``"²".isdigit()`` is true, and int() of 5000 digits raises)."""
+    if 1 <= len(text) <= MAX_INT_DIGITS and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def _matches(s: dict, show: str) -> bool:
@@ -593,9 +638,14 @@ def bar_chart(labels: list[str], series: list[tuple[str, list[float | None]]],
 # ---------------------------------------------------------------------------- app
 
 
-def create_app(run_dir) -> Starlette:
-    """The review app over ``run_dir`` (StoreError if it is not a run)."""
+def create_app(run_dir, host: str = "127.0.0.1") -> Starlette:
+    """The review app over ``run_dir`` (StoreError if it is not a run), answering only the host
+    names of a server started on ``host`` (:func:`allowed_hosts`)."""
     store = RunStore.open(run_dir)
+    secret = secrets.token_bytes(32)  # CSRF tokens of this server process only
+    # Cookies ignore the port: a name of its own keeps two review servers on one host apart.
+    session_cookie = "selfalign_review_" + hashlib.sha256(secret).hexdigest()[:12]
+    stylesheet = STYLESHEET.read_text(encoding="utf-8")
     data = RunData(store)
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     templates.env.autoescape = True  # model text is data, never markup
@@ -605,13 +655,30 @@ def create_app(run_dir) -> Starlette:
                                  NOT_OVERRIDDEN=_NOT_OVERRIDDEN, run_name=store.run_info().get("name"))
 
     def render(request: Request, name: str, context: dict, status: int = 200) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, context, status_code=status)
+        """A page; it starts a session (cookie) if the browser has none, for the forms' token."""
+        session = request.cookies.get(session_cookie, "")
+        fresh = not SESSION_RE.match(session)
+        if fresh:
+            session = secrets.token_urlsafe(32)
+        response = templates.TemplateResponse(request, name, {**context, "csrf_token": csrf_token(secret, session)},
+                                              status_code=status)
+        if fresh:
+            response.set_cookie(session_cookie, session, httponly=True, samesite="strict")
+        return response
 
     def iteration_of(request: Request) -> int:
-        t = request.path_params["t"]
-        if t not in store.iterations():
-            raise HTTPException(404, f"iteration {t} does not exist in this run")
+        t = small_int(request.path_params["t"])
+        if t is None or t not in store.iterations():
+            raise HTTPException(404, f"iteration {request.path_params['t'][:20]} does not exist in this run")
         return t
+
+    def check_csrf(request: Request, form: dict) -> None:
+        """The form's token must be the one of the session cookie the browser sent with it."""
+        session = request.cookies.get(session_cookie, "")
+        token = form.get(CSRF_FIELD, "")
+        if not SESSION_RE.match(session) or not hmac.compare_digest(token, csrf_token(secret, session)):
+            raise HTTPException(403, "this form is from an expired session or from another site: "
+                                     "reload the page and submit it again")
 
     def state_of(t: int) -> IterationState:
         state = data.state(t)
@@ -657,7 +724,7 @@ def create_app(run_dir) -> Starlette:
             "items": list(zip(shown, prompt_views(state, [s["prompt_id"] for s in shown]))),
             "extra": extra, "error": error, "return_to": str(request.url.path) + (
                 "?" + request.url.query if request.url.query else ""),
-            "who": request.cookies.get("reviewer", ""),
+            "who": reviewer_of(request),
         }, status)
 
     def iteration(request: Request) -> Response:
@@ -685,7 +752,7 @@ def create_app(run_dir) -> Starlette:
             if meta else {},
             "extra": {s: rows for s, rows in extra.items() if rows}, "error": error, "form": form or {},
             "return_to": f"/iter/{t}/prompt?" + urlencode({"id": prompt_id}),
-            "who": request.cookies.get("reviewer", ""),
+            "who": reviewer_of(request),
         }, status)
 
     def prompt(request: Request) -> Response:
@@ -693,9 +760,10 @@ def create_app(run_dir) -> Starlette:
 
     async def correct(request: Request) -> Response:
         t = iteration_of(request)
+        check_same_origin(request)
+        form = await read_form(request)
+        check_csrf(request, form)
         state = state_of(t)
-        _check_same_origin(request)
-        form = dict(await request.form())
         record = {k: v for k, v in form.items() if k in
                   ("action", "prompt_id", "response_index", "judgment_index", "value", "note", "who") and v != ""}
         record["iteration"] = t
@@ -710,7 +778,9 @@ def create_app(run_dir) -> Starlette:
         if not _RETURN_TO_RE.match(return_to) or not return_to.startswith(f"/iter/{t}"):
             return_to = f"/iter/{t}/prompt?" + urlencode({"id": clean["prompt_id"]})
         response = RedirectResponse(return_to, status_code=303)
-        response.set_cookie("reviewer", clean["who"], samesite="strict", httponly=True)
+        # Percent-encoded: a header is Latin-1, a name need not be (a 500 here would come after
+        # the correction is stored, and a retry would store it twice).
+        response.set_cookie("reviewer", quote(clean["who"], safe=""), samesite="strict", httponly=True)
         return response
 
     def corrections_page(request: Request) -> Response:
@@ -751,6 +821,9 @@ def create_app(run_dir) -> Starlette:
         return render(request, "stage.html", {"t": t, "stage": name, "rows": shown, "columns": columns,
                                               "total": len(rows), "page": page, "pages": pages, "query": query})
 
+    async def stylesheet_file(request: Request) -> Response:
+        return Response(stylesheet, media_type="text/css")
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "run": str(store.root), "iterations": store.iterations()})
 
@@ -763,31 +836,121 @@ def create_app(run_dir) -> Starlette:
     routes = [
         Route("/", overview),
         Route("/healthz", healthz),
-        Route("/iter/{t:int}", iteration),
-        Route("/iter/{t:int}/prompt", prompt),
-        Route("/iter/{t:int}/corrections", corrections_page, methods=["GET"]),
-        Route("/iter/{t:int}/corrections", correct, methods=["POST"]),
-        Route("/iter/{t:int}/export", export),
-        Route("/iter/{t:int}/stage/{stage}", stage),
+        Route("/static/review.css", stylesheet_file),
+        Route(ITERATION_ROUTE, iteration),
+        Route(ITERATION_ROUTE + "/prompt", prompt),
+        Route(ITERATION_ROUTE + "/corrections", corrections_page, methods=["GET"]),
+        Route(ITERATION_ROUTE + "/corrections", correct, methods=["POST"]),
+        Route(ITERATION_ROUTE + "/export", export),
+        Route(ITERATION_ROUTE + "/stage/{stage}", stage),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, StoreError: store_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, StoreError: store_error},
+                    middleware=[Middleware(guard, allowed=allowed_hosts(host))])
     app.state.data = data
     return app
 
 
-def _check_same_origin(request: Request) -> None:
-    """Refuse cross-site form posts (CSRF from another tab): Origin, when sent, must be us."""
+# ---------------------------------------------------------------------------- protections
+
+SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+
+
+def csrf_token(secret: bytes, session: str) -> str:
+    """token = hex HMAC-SHA256(secret, session): only this server process can make it, and it
+    is good only with the session cookie it was made for."""
+    return hmac.new(secret, session.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def reviewer_of(request: Request) -> str:
+    """The reviewer name remembered in the (percent-encoded) ``reviewer`` cookie."""
+    return unquote(request.cookies.get("reviewer", ""))
+
+
+def check_same_origin(request: Request) -> None:
+    """Refuse form posts the browser says come from elsewhere (CSRF from another tab).
+
+    Origin, when sent, must be this server (``Origin: null`` is a sandboxed frame or a
+    ``data:`` page: refused); ``Sec-Fetch-Site``, when sent, must be same-origin. A post with
+    neither still needs the session's token.
+    """
     origin = request.headers.get("origin")
-    if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host"):
+    if origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
         raise HTTPException(403, "cross-origin form posts are refused")
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise HTTPException(403, "cross-site form posts are refused")
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """A URL-encoded form of at most ``MAX_FORM_BYTES`` / ``MAX_FORM_FIELDS`` (a repeated field:
+    the last wins). Multipart (uploads) is a 415; a larger body a 413, read no further."""
+    if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != FORM_TYPE:
+        raise HTTPException(415, f"corrections are posted as {FORM_TYPE}")
+    declared = small_int(request.headers.get("content-length", "0"))
+    if declared is None or declared > MAX_FORM_BYTES:
+        raise HTTPException(413, f"a correction form is at most {MAX_FORM_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise HTTPException(413, f"a correction form is at most {MAX_FORM_BYTES} bytes")
+    try:
+        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS,
+                              errors="strict"))
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPException(400, "the form is not valid UTF-8 URL-encoded data") from None
+
+
+def allowed_hosts(host: str) -> frozenset[str]:
+    """Host names a server bound to ``host`` answers: localhost's names and ``host`` itself;
+    a wildcard bind (0.0.0.0, ::) adds this machine's name. Lower case, IPv6 without brackets."""
+    names = {*LOCAL_HOSTS, host.strip("[]").lower()}
+    if host in WILDCARD_HOSTS:
+        names.add(socket.gethostname().lower())
+    return frozenset(names - {""})
+
+
+def host_name(header: str) -> str:
+    """The name of a ``Host`` header without the port: ``[::1]:8765`` → ``::1``,
+    ``Localhost:8765`` → ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def guard(app, allowed: frozenset[str]):
+    """ASGI middleware: a request for a host name not in ``allowed`` is a 400 (DNS rebinding);
+    every response gets ``SECURITY_HEADERS``."""
+    encoded = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def guarded(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *[(k, v) for k, v in encoded if k not in present]]}
+            await send(message)
+
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if host_name(host) not in allowed:
+            names = ", ".join(sorted(allowed))
+            response = PlainTextResponse(f"400: this server answers only for the host names {names}", 400)
+            return await response(scope, receive, send_with_headers)
+        return await app(scope, receive, send_with_headers)
+
+    return guarded
 
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve the review app on ``host:port`` until interrupted (localhost unless told otherwise)."""
     import uvicorn
 
-    app = create_app(run_dir)
+    app = create_app(run_dir, host=host)
     # Read the tables while the browser opens, so the first page does not wait for them.
     threading.Thread(target=app.state.data.warm, name="review-warm", daemon=True).start()
     print(f"selfalign review: http://{host}:{port}/  (run {app.state.data.store.root}; Ctrl-C to stop)")
+    print(f"  answers only for the host names {', '.join(sorted(allowed_hosts(host)))}")
     uvicorn.run(app, host=host, port=port, log_level="warning")

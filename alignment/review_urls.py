@@ -6,7 +6,7 @@ come from here, so a published link cannot drift from what the app serves.
 
 from __future__ import annotations
 
-ITERATION_ROUTE = "/iter/{t:int}"  # Starlette route of an iteration's judge-data page
+ITERATION_ROUTE = "/iter/{t}"  # Starlette route of an iteration's page (the app parses t itself)
 
 
 def iteration_path(t: int) -> str:

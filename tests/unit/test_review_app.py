@@ -87,11 +87,18 @@ def run(tmp_path):
 
 @pytest.fixture()
 def client(run):
-    return TestClient(create_app(run.root))
+    return app_client(run.root)
+
+
+def app_client(root) -> TestClient:
+    """A client of the review app as a browser on the default address sees it."""
+    return TestClient(create_app(root), base_url="http://127.0.0.1:8765")
 
 
 def post(client, action, prompt_id, t=1, **fields):
-    data = {"action": action, "prompt_id": prompt_id, "who": "tester", **{k: str(v) for k, v in fields.items()}}
+    """A correction form as the pages post it (with the session's CSRF token)."""
+    data = {"action": action, "prompt_id": prompt_id, "who": "tester", "csrf_token": csrf_token(client),
+            **{k: str(v) for k, v in fields.items()}}
     return client.post(f"/iter/{t}/corrections", data=data, follow_redirects=False)
 
 
@@ -246,7 +253,7 @@ def meta_run(tmp_path):
 
 @pytest.fixture()
 def meta_client(meta_run):
-    return TestClient(create_app(meta_run.root))
+    return app_client(meta_run.root)
 
 
 def meta_section(page: str) -> str | None:
@@ -327,7 +334,7 @@ def test_meta_section_replaces_the_generic_cards_and_links_the_tables(meta_clien
 
 
 def test_meta_judge_logprob_mode_shows_probabilities(tmp_path):
-    client = TestClient(create_app(meta_store(tmp_path, mode="logprob").root))
+    client = app_client(meta_store(tmp_path, mode="logprob").root)
     battles = table_of(meta_section(client.get("/iter/1/prompt?id=p-xss").text), "meta-battles")
     assert "<th>p_a</th>" in battles and "<th>p_b</th>" in battles and "<th>offset</th>" in battles
     second = battles.split('data-battle="2"', 1)[1].split("</tr>", 1)[0]
@@ -348,7 +355,7 @@ def test_meta_judge_section_without_optional_columns(tmp_path):
         {"prompt_id": "p-xss", "response_index": 1, "judgment_index": 2, "score": 1.0, "rating": 1010.0},
     ], inputs={}, recipe_hash="x")
     store.write_rows(1, "judge_pairs", [], inputs={}, recipe_hash="x")
-    response = TestClient(create_app(store.root)).get("/iter/1/prompt?id=p-xss")
+    response = app_client(store.root).get("/iter/1/prompt?id=p-xss")
     assert response.status_code == 200
     section = meta_section(response.text)
     assert re.findall(r'data-judgment="(\d+)"', section) == ["2", "0"] and "no judge pair" in section
@@ -363,7 +370,7 @@ def test_judge_training_off_iteration_has_a_one_line_note(tmp_path):
     store.write_rows(1, "judge", meta_rows(), inputs={}, recipe_hash="x")
     for stage in META_STAGES:  # what MetaRewardingRun._skip_meta commits
         store.write_rows(1, stage, [], inputs={}, recipe_hash="x", info={"judge_training": False})
-    page = TestClient(create_app(store.root)).get("/iter/1/prompt?id=p-xss").text
+    page = app_client(store.root).get("/iter/1/prompt?id=p-xss").text
     assert meta_section(page) is None
     assert "judge training is off in iteration 1" in page and page.count('class="muted meta-note"') == 1
 
@@ -372,7 +379,7 @@ def test_meta_tables_are_read_and_indexed_once(meta_run, monkeypatch):
     reads = []
     read_table = RunStore.read_table
     monkeypatch.setattr(RunStore, "read_table", lambda self, t, stage: reads.append(stage) or read_table(self, t, stage))
-    client = TestClient(create_app(meta_run.root))
+    client = app_client(meta_run.root)
     for pid in ("p-xss", "p-nopair", "p-pair", "p-xss"):
         assert client.get(f"/iter/1/prompt?id={pid}").status_code == 200
     assert sorted(s for s in reads if s in META_STAGES) == sorted(META_STAGES)
@@ -413,7 +420,7 @@ def test_an_excluded_prompt_shows_one_excluded_badge(tmp_path, with_pairs):
     store.write_rows(1, "judge", rows, inputs={}, recipe_hash="x")
     if with_pairs:  # otherwise the pairs stage has not run yet: the status itself reads "excluded"
         store.write_rows(1, "pairs", build_pairs(rows)[0], inputs={}, recipe_hash="x")
-    client = TestClient(create_app(store.root))
+    client = app_client(store.root)
     post(client, "exclude_pair", "p-pair")
     assert client.get("/iter/1/prompt?id=p-pair").text.count("excluded</span>") == 1
     listing = client.get("/iter/1?show=excluded").text
@@ -438,7 +445,8 @@ def test_an_excluded_prompt_shows_one_excluded_badge(tmp_path, with_pairs):
     ({"action": "note", "prompt_id": "p-tie", "note": "   "}, "needs some text"),
 ])
 def test_bad_corrections_rejected_with_message(client, run, fields, message):
-    response = client.post("/iter/1/corrections", data=fields, follow_redirects=False)
+    response = client.post("/iter/1/corrections", data={**fields, "csrf_token": csrf_token(client)},
+                           follow_redirects=False)
     assert response.status_code == 400
     assert message in response.text.replace("&#39;", "'")
     assert load_corrections(run) == []
@@ -451,7 +459,8 @@ def test_correction_for_unknown_or_incomplete_iteration(client, run):
 
 
 def test_cross_origin_post_refused(client, run):
-    response = client.post("/iter/1/corrections", data={"action": "swap", "prompt_id": "p-pair"},
+    response = client.post("/iter/1/corrections", data={"action": "swap", "prompt_id": "p-pair",
+                                                         "csrf_token": csrf_token(client)},
                            headers={"Origin": "http://evil.example"}, follow_redirects=False)
     assert response.status_code == 403 and load_corrections(run) == []
 
@@ -694,3 +703,136 @@ def test_app_shows_what_training_gets_after_swap_then_override(client, run):
     assert re.search(r'class="resp rejected" data-response="1"', page)
     assert "swapped</span>" not in page  # the override re-selected the pair: it is not swapped any more
     assert client.get("/iter/1/export?format=jsonl").content == export_pairs(run, 1, "jsonl")
+
+
+# ---------------------------------------------------------------------------- the app as an attack surface (issue 11, items 12-14)
+
+CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def csrf_token(client, t: int = 1) -> str:
+    """The session's CSRF token, read from a page as a browser would (the GET sets the session cookie)."""
+    match = CSRF_FIELD.search(client.get(f"/iter/{t}/prompt?id=p-pair").text)
+    assert match, "the prompt page has no csrf_token field"
+    return match.group(1)
+
+
+def raw_post(client, data: dict, t: int = 1, **kw):
+    return client.post(f"/iter/{t}/corrections", data=data, follow_redirects=False, **kw)
+
+
+SWAP_FORM = {"action": "swap", "prompt_id": "p-pair", "who": "tester"}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Origin": "null"}], ids=["no-origin", "origin-null"])
+def test_post_without_the_session_token_is_refused(client, run, headers):
+    assert raw_post(client, SWAP_FORM, headers=headers).status_code == 403
+    assert load_corrections(run) == []
+
+
+def test_post_with_origin_null_is_refused_even_with_a_token(client, run):
+    token = csrf_token(client)
+    assert raw_post(client, {**SWAP_FORM, "csrf_token": token}, headers={"Origin": "null"}).status_code == 403
+    assert load_corrections(run) == []
+
+
+def test_token_of_another_session_is_refused(client, run):
+    other = TestClient(client.app, base_url=str(client.base_url))
+    stolen = csrf_token(other)
+    assert raw_post(client, {**SWAP_FORM, "csrf_token": stolen}).status_code == 403  # no session cookie here
+    csrf_token(client)  # now a session of its own, with a different token
+    assert raw_post(client, {**SWAP_FORM, "csrf_token": stolen}).status_code == 403
+    assert load_corrections(run) == []
+
+
+def test_every_post_form_carries_the_token(client):
+    for url in ["/iter/1", "/iter/1/prompt?id=p-pair", "/iter/1/prompt?id=p-tie"]:
+        page = client.get(url).text
+        forms = re.findall(r'<form[^>]*method="post".*?</form>', page, re.DOTALL)
+        assert forms and all('name="csrf_token"' in f for f in forms), url
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8765", "127.0.0.1.evil.example", "attacker"])
+def test_foreign_host_header_is_400(client, host):
+    for url in ["/", "/iter/1", "/iter/1/export?format=jsonl", "/healthz"]:
+        assert client.get(url, headers={"Host": host}).status_code == 400, (host, url)
+
+
+def test_host_names_the_server_was_started_for_are_allowed(run):
+    for base in ["http://127.0.0.1:8765", "http://localhost:8765", "http://localhost"]:
+        assert TestClient(create_app(run.root), base_url=base).get("/").status_code == 200, base
+    app = create_app(run.root, host="review.lab.internal")
+    assert TestClient(app, base_url="http://review.lab.internal:9000").get("/").status_code == 200
+    assert TestClient(app, base_url="http://other.lab.internal:9000").get("/").status_code == 400
+
+
+def test_security_headers_on_every_response(client):
+    for url in ["/", "/iter/1", "/iter/1/prompt?id=p-pair", "/iter/1/export?format=jsonl", "/iter/99",
+                "/iter/1?show=nope", "/healthz"]:
+        headers = client.get(url).headers
+        assert headers.get("x-frame-options") == "DENY", url
+        assert headers.get("x-content-type-options") == "nosniff", url
+        csp = headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, url
+    assert client.get("/", headers={"Host": "evil.example"}).headers.get("x-frame-options") == "DENY"
+
+
+def test_pages_have_no_inline_script_or_style(client):
+    """What the CSP (no 'unsafe-inline') needs: the stylesheet is a file served by the app."""
+    for url in ["/", "/iter/1", "/iter/1/prompt?id=p-pair", "/iter/1/corrections", "/iter/1/stage/meta_judge"]:
+        page = client.get(url).text
+        assert "<script" not in page and "<style" not in page and " style=" not in page, url
+    sheet = re.search(r'<link rel="stylesheet" href="([^"]+)"', client.get("/").text).group(1)
+    response = client.get(sheet)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/css")
+    assert ".resp.chosen" in response.text
+
+
+def test_reviewer_name_outside_latin1_is_stored_once_and_remembered(client, run):
+    name = "Zoë 李明 🙂"
+    response = raw_post(client, {**SWAP_FORM, "who": name, "csrf_token": csrf_token(client)})
+    assert response.status_code == 303
+    assert [r["who"] for r in load_corrections(run)] == [name]
+    assert f'name="who" value="{name}"' in client.get("/iter/1/prompt?id=p-pair").text
+
+
+@pytest.mark.parametrize("url", ["/iter/" + "9" * 5000, "/iter/" + "9" * 5000 + "/prompt?id=p-pair",
+                                 "/iter/" + "9" * 5000 + "/export", "/iter/1?page=" + "9" * 5000])
+def test_huge_numbers_are_not_a_500(client, url):
+    assert client.get(url).status_code in (400, 404)
+
+
+def test_huge_iteration_in_a_post_is_404(client, run):
+    response = raw_post(client, {**SWAP_FORM, "csrf_token": csrf_token(client)}, t="9" * 5000)
+    assert response.status_code == 404 and load_corrections(run) == []
+
+
+def test_multipart_posts_are_refused(client, run):
+    response = client.post("/iter/1/corrections", data={**SWAP_FORM, "csrf_token": csrf_token(client)},
+                           files={"upload": ("x.bin", b"\0" * 10_000)}, follow_redirects=False)
+    assert response.status_code == 415 and load_corrections(run) == []
+
+
+def test_oversized_form_is_refused(client, run):
+    data = {**SWAP_FORM, "csrf_token": csrf_token(client), "note": "x" * 200_000}
+    assert raw_post(client, data).status_code == 413 and load_corrections(run) == []
+
+
+# ---------------------------------------------------------------------------- published links (issue 11, item 7)
+
+
+@pytest.mark.parametrize("base", ["http://127.0.0.1:8765", "http://127.0.0.1:8765/", "http://localhost:8765"])
+def test_published_iteration_urls_resolve(run, base):
+    from alignment.review_urls import iteration_url
+
+    client = TestClient(create_app(run.root), base_url=base)
+    url = iteration_url(base, 1)
+    response = client.get(url)
+    assert response.status_code == 200 and "Iteration 1 · judge dataset" in response.text, url
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "²", "-"])
+def test_integer_fields_of_a_correction_are_checked_before_int(run, value):
+    with pytest.raises(ValueError, match="response_index must be an integer"):
+        validate_correction(run, {"action": "override_score", "prompt_id": "p-tie", "iteration": 1,
+                                  "response_index": value, "judgment_index": "0", "value": "1"})
