@@ -79,13 +79,21 @@ def run_sharded(
 ) -> list[dict]:
     """Apply ``compute(chunk, shard_index)`` to consecutive chunks, persisting each as a shard.
 
-    Shards already on disk under the same ``key`` are reused, so after a kill the work
-    continues at the first missing shard. The result is the concatenation in item order,
+    Shards already on disk for the same plan are reused, so after a kill the work continues at
+    the first missing shard. A shard's identity is ``shard_key(key, shard_size)`` (its layout)
+    plus ``hash_obj(chunk)`` (its items): a resume with another shard size, other items or
+    another ``key`` redoes those shards and deletes the stale ones (log line + ``stale_shards``
+    event) rather than mixing two layouts. The result is the concatenation in item order,
     identical to an uninterrupted run's when ``compute`` is deterministic per shard.
     """
     chunks = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
-    done = store.read_shards(t, stage, key=key)
-    done = {i: rows for i, rows in done.items() if i < len(chunks)}
+    layout = shard_key(key, shard_size)
+    fingerprints = {i: hash_obj(list(chunk)) for i, chunk in enumerate(chunks)}
+    stale = store.drop_stale_shards(t, stage, key=layout, fingerprints=fingerprints)
+    if stale:
+        log(f"iter {t} {stage}: {stale} shards of another layout, inputs or recipe removed (redoing them)")
+        store.log_event("stale_shards", t=t, stage=stage, removed=stale)
+    done = store.read_shards(t, stage, key=layout)
     # The plan, for `selfalign status` ("partial, 2/5 shards").
     store.log_event("shards", t=t, stage=stage, total=len(chunks), done=len(done))
     if done:
@@ -95,7 +103,7 @@ def run_sharded(
         if index not in done:
             started = time.monotonic()
             done[index] = compute(chunk, index)
-            store.write_shard(t, stage, index, done[index], key=key)
+            store.write_shard(t, stage, index, done[index], key=layout, fingerprint=fingerprints[index])
             log(f"iter {t} {stage}: shard {index + 1}/{len(chunks)} ({len(chunk)} items, {time.monotonic() - started:.1f}s)")
             crash_point(f"iter{t}/{stage}/shard{index}")
         rows.extend(done[index])

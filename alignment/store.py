@@ -20,9 +20,10 @@ Guarantees
   temp file first; only once it is on disk is the old manifest removed and the temp renamed.
   A failure while writing (disk full, permission denied) raises :class:`StoreError` naming
   the path and the OS reason, removes the temp file and leaves the old outputs untouched.
-* **Shards.** Generation and judging write ``shards/<key[:16]>/shard_<i>.parquet`` one at a
-  time, so a kill loses at most the shard in progress. ``key`` hashes everything that
-  determines shard content, so shards from another recipe/inputs are never mixed in.
+* **Shards.** Generation and judging write ``shards/<key[:16]>/shard_<i>-<fingerprint>.parquet``
+  one at a time, so a kill loses at most the shard in progress. ``key`` hashes everything that
+  determines shard content (inputs, recipe, shard size) and the fingerprint hashes the items a
+  shard was computed from, so shards of another recipe, inputs or layout are never mixed in.
 * **One process per run.** :class:`RunLock` (see its docstring for the approach).
 """
 
@@ -67,7 +68,9 @@ SHARDS_DIR = "shards"
 SCRATCH_MARKER = ".selfalign-scratch"
 
 _TMP_INFIX = ".tmp-"
-_SHARD_RE = re.compile(r"^shard_(\d+)\.parquet$")
+# shard_<index>-<fingerprint of the chunk's items>.parquet; the older name without a fingerprint
+# still matches (counted by status) but is never reused: its items are unknown.
+_SHARD_RE = re.compile(r"^shard_(\d+)(?:-([0-9a-f]+))?\.parquet$")
 _ITER_RE = re.compile(r"^iter_(\d+)$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -722,11 +725,15 @@ class RunStore:
         return self.stage_dir(t, stage) / SHARDS_DIR / key[:16]
 
     def write_shard(self, t: int, stage: str, index: int, rows: list[dict], *, key: str,
-                    schema: pa.Schema | None = None) -> None:
+                    fingerprint: str = "", schema: pa.Schema | None = None) -> None:
+        """Persist shard ``index``; ``fingerprint`` (hex, of the items it was computed from) is
+        part of its name, so :meth:`drop_stale_shards` can tell it from a shard of other items."""
         if not isinstance(index, int) or index < 0:
             raise ValueError(f"invalid shard index {index!r}")
-        path = self._shard_dir(t, stage, key) / f"shard_{index:05d}.parquet"
-        _write_parquet(path, rows, schema)
+        if fingerprint and not re.match(r"^[0-9a-f]+$", fingerprint):
+            raise ValueError(f"invalid shard fingerprint {fingerprint!r}")
+        name = f"shard_{index:05d}-{fingerprint[:16]}.parquet" if fingerprint else f"shard_{index:05d}.parquet"
+        _write_parquet(self._shard_dir(t, stage, key) / name, rows, schema)
 
     def read_shards(self, t: int, stage: str, *, key: str) -> dict[int, list[dict]]:
         """Complete, readable shards for ``key`` by index; a corrupt one is deleted and ignored."""
@@ -745,6 +752,28 @@ class RunStore:
             except (OSError, pa.ArrowException):
                 _unlink_quiet(p)
         return out
+
+    def drop_stale_shards(self, t: int, stage: str, *, key: str, fingerprints: dict[int, str]) -> int:
+        """Delete every shard of the stage that the plan ``key`` + ``fingerprints`` (index ->
+        fingerprint of the items it will hold) would not reuse: shards under another key (other
+        inputs, recipe or shard size), beyond the plan, unfingerprinted, or of other items.
+        Returns how many shard files were deleted."""
+        keep_dir = self._shard_dir(t, stage, key)
+        removed = 0
+        for p in self._shard_files(t, stage):
+            m = _SHARD_RE.match(p.name)
+            index, fp = int(m.group(1)), m.group(2)
+            expected = fingerprints.get(index)
+            if p.parent == keep_dir and fp and expected is not None and expected.startswith(fp):
+                continue
+            _unlink_quiet(p)
+            removed += 1
+        base = self.stage_dir(t, stage) / SHARDS_DIR
+        if base.is_dir():  # key dirs left empty (and their torn temp files) go too
+            for kd in base.iterdir():
+                if kd.is_dir() and kd != keep_dir and not any(_SHARD_RE.match(q.name) for q in kd.iterdir()):
+                    shutil.rmtree(kd, ignore_errors=True)
+        return removed
 
     def _shard_files(self, t: int, stage: str) -> list[Path]:
         base = self.stage_dir(t, stage) / SHARDS_DIR

@@ -176,9 +176,9 @@ def test_sharded_drops_a_torn_shard_and_recomputes_it(store):
         return [dict(r) for r in chunk]
 
     _sharded(store, compute)
-    shard = next((store.stage_dir(1, "judge") / "shards").rglob("shard_00001.parquet"))
+    shard = next((store.stage_dir(1, "judge") / "shards").rglob("shard_00001-*.parquet"))
     shard.write_bytes(shard.read_bytes()[:20])
-    (shard.parent / ".shard_00002.parquet.tmp-1-ab").write_bytes(b"half")  # killed writer
+    (shard.parent / ".shard_00002-ab.parquet.tmp-1-ab").write_bytes(b"half")  # killed writer
     rows = _sharded(store, compute)
     assert calls == [0, 1, 2, 1] and len(rows) == 5
     assert not list(shard.parent.glob(".*tmp-*"))
@@ -384,3 +384,36 @@ def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(tmp_pa
     assert metrics["resumed_from"].endswith("checkpoint-2")
     got = weights("killed")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_shards_of_another_shard_size_are_never_reused(store):
+    """Kill after shard 0 with size 2, resume with size 4: items 2-3 must still be computed."""
+    lines, events_before = [], len(store.events())
+
+    def killed_after_first(chunk, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return [dict(r, size=2) for r in chunk]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sharded(store, 1, "generate", ROWS, shard_size=2, key=shard_key("same"), compute=killed_after_first,
+                    log=lambda m: None)
+    rows = run_sharded(store, 1, "generate", ROWS, shard_size=4, key=shard_key("same"),
+                       compute=lambda chunk, i: [dict(r, size=4) for r in chunk], log=lines.append)
+    assert [r["x"] for r in rows] == [0, 1, 2, 3, 4]
+    assert {r["size"] for r in rows} == {4}  # nothing of the old layout mixed in
+    assert any("another layout" in line for line in lines), lines
+    stale = [e for e in store.events()[events_before:] if e["event"] == "stale_shards"]
+    assert stale and stale[0]["removed"] == 1
+    assert len(list((store.stage_dir(1, "generate") / "shards").rglob("shard_*.parquet"))) == 2
+
+
+def test_a_shard_whose_items_changed_is_redone(store):
+    """Same key and size, but the chunk holds other items (a caller forgot an input): not reused."""
+    run_sharded(store, 1, "generate", ROWS, shard_size=2, key=shard_key("same"),
+                compute=lambda chunk, i: [dict(r, v="old") for r in chunk], log=lambda m: None)
+    changed = [dict(r, x=r["x"] + 10) if r["x"] >= 2 else r for r in ROWS]
+    store.stage_dir(1, "generate")  # shards stay (no commit in this helper)
+    rows = run_sharded(store, 1, "generate", changed, shard_size=2, key=shard_key("same"),
+                       compute=lambda chunk, i: [dict(r, v="new") for r in chunk], log=lambda m: None)
+    assert [(r["x"], r["v"]) for r in rows] == [(0, "old"), (1, "old"), (12, "new"), (13, "new"), (14, "new")]
