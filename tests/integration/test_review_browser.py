@@ -2,7 +2,9 @@
 
 Filters to ties, overrides a judgment's score on a tied prompt, then checks that the
 correction was appended to corrections.jsonl and that the pairs the training stage reads
-(``reviewed_pairs``) now contain the new pair. Screenshots go to ``test-artifacts/``.
+(``reviewed_pairs``) now contain the new pair. The forms carry the session's CSRF token and
+the pages render under the app's CSP (no violation in the console, the stylesheet applies); a
+form posted from another page is refused. Screenshots go to ``test-artifacts/``.
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``) and the ``playwright`` Python
 package; Playwright's own browser download is never used.
@@ -75,7 +77,10 @@ def page():
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            yield browser.new_page(viewport={"width": 1400, "height": 900})
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.csp_errors = []  # what the browser refused under the app's Content-Security-Policy
+            page.on("console", lambda msg: "Content Security Policy" in msg.text and page.csp_errors.append(msg.text))
+            yield page
         finally:
             browser.close()
 
@@ -114,7 +119,24 @@ def test_filter_ties_and_correct_in_browser(server, page, run):
     page.goto(f"{server}/iter/1")
     assert "<script>" not in page.locator("[data-prompt-id='p-xss'] .resp").first.inner_html()
     assert page.locator("[data-prompt-id='p-xss'] .resp .text").first.inner_text() == "<script>alert('x')</script>"
+    # The stylesheet (a file: the CSP allows no inline style) applies, and nothing was refused.
+    assert page.locator("header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(29, 35, 48)"
+    assert page.csp_errors == []
     page.screenshot(path=str(ARTIFACTS / "review.png"), full_page=True)
+
+
+def test_form_from_another_page_is_refused_in_browser(server, page, run):
+    """A page the reviewer opens (here about:blank, Origin: null) posts a correction form to the
+    app: no token, and the browser says it is not the app's origin: refused, nothing stored."""
+    page.goto(f"{server}/iter/1")  # the reviewer has a session with the app
+    page.set_content(f'<form method="post" action="{server}/iter/1/corrections">'
+                     '<input type="hidden" name="action" value="swap">'
+                     '<input type="hidden" name="prompt_id" value="p-pair">'
+                     '<button type="submit">win a prize</button></form>')
+    with page.expect_response(lambda r: r.url.endswith("/iter/1/corrections")) as posted:
+        page.click("button")
+    assert posted.value.status == 403
+    assert not (run.root / CORRECTIONS_FILE).exists()
 
 
 def test_correction_on_a_real_run_is_used_by_the_next_training(tmp_path, tiny_model_dir, page):
