@@ -836,3 +836,21 @@ def test_integer_fields_of_a_correction_are_checked_before_int(run, value):
     with pytest.raises(ValueError, match="response_index must be an integer"):
         validate_correction(run, {"action": "override_score", "prompt_id": "p-tie", "iteration": 1,
                                   "response_index": value, "judgment_index": "0", "value": "1"})
+
+
+@pytest.mark.parametrize("header, name", [("127.0.0.1:8765", "127.0.0.1"), ("LocalHost", "localhost"),
+                                          ("[::1]:8765", "::1"), ("[::1]", "::1"), ("", "")])
+def test_host_name_of_a_host_header(header, name):
+    from alignment.review_app import host_name
+
+    assert host_name(header) == name
+
+
+def test_ipv6_and_wildcard_binds(run):
+    import socket
+
+    from alignment.review_app import allowed_hosts
+
+    assert TestClient(create_app(run.root, host="::1"), base_url="http://[::1]:8765").get("/").status_code == 200
+    assert socket.gethostname().lower() in allowed_hosts("0.0.0.0")
+    assert "0.0.0.0" in allowed_hosts("0.0.0.0") and "evil.example" not in allowed_hosts("0.0.0.0")
