@@ -676,7 +676,9 @@ def create_app(run_dir, host: str = "127.0.0.1") -> Starlette:
         """The form's token must be the one of the session cookie the browser sent with it."""
         session = request.cookies.get(session_cookie, "")
         token = form.get(CSRF_FIELD, "")
-        if not SESSION_RE.match(session) or not hmac.compare_digest(token, csrf_token(secret, session)):
+        # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+        expected = csrf_token(secret, session).encode() if SESSION_RE.match(session) else b""
+        if not expected or not hmac.compare_digest(token.encode("utf-8", "replace"), expected):
             raise HTTPException(403, "this form is from an expired session or from another site: "
                                      "reload the page and submit it again")
 

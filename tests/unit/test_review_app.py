@@ -854,3 +854,10 @@ def test_ipv6_and_wildcard_binds(run):
     assert TestClient(create_app(run.root, host="::1"), base_url="http://[::1]:8765").get("/").status_code == 200
     assert socket.gethostname().lower() in allowed_hosts("0.0.0.0")
     assert "0.0.0.0" in allowed_hosts("0.0.0.0") and "evil.example" not in allowed_hosts("0.0.0.0")
+
+
+@pytest.mark.parametrize("token", ["é" * 64, "", "0" * 64])
+def test_a_wrong_token_of_any_shape_is_a_403(client, run, token):
+    csrf_token(client)  # a session
+    assert raw_post(client, {**SWAP_FORM, "csrf_token": token}).status_code == 403
+    assert load_corrections(run) == []
