@@ -27,7 +27,7 @@ from alignment.iterative import IterativeRun
 from alignment.pairs import build_pairs, tie_rate
 from alignment.stages import error_message, run_sharded, run_table_stage, shard_key, stage_outcome
 from alignment.store import sha256_file
-from alignment.training import DPOSpec
+from alignment.training import DPOSpec, trained_rows_info, truncation_warnings
 
 STAGES = ["prompts", "generate", "judge", "pairs", "train"]
 
@@ -132,7 +132,9 @@ class SelfRewardingRun(IterativeRun):
         if stage_outcome(self.store, t, "train", inputs, recipe_hash, self.log) is not None:
             return self.adapter(t)
         pairs, applied = self.reviewed_pairs(t)
-        pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs] + self.extra_training_rows(t)
+        # "kind" lets the trainer say which rows max_length cut: a cut judge pair loses its Score: line.
+        pairs = ([{k: p[k] for k in ("prompt", "chosen", "rejected")} | {"kind": "pair"} for p in pairs]
+                 + [r | {"kind": "judge"} for r in self.extra_training_rows(t)])
         if not pairs:
             self.log(f"WARNING iter {t} train: no preference pairs (all ties or failed judgments); "
                      f"skipping training, M_{t + 1} = M_{t}")
@@ -157,18 +159,21 @@ class SelfRewardingRun(IterativeRun):
                 save_steps=tc.save_steps, seed=self.recipe.seed, lora=tc.lora.model_dump(), crash_prefix=f"iter{t}/train",
             )
             metrics.update(run_dpo(spec, launcher=tc.launcher, spec_path=ckpt / "spec.json", log=self.log))
+            info.update(trained_rows_info(metrics))
             crash_point(f"iter{t}/train/before_commit")
 
         final = self.store.stage_dir(t, "train") / "adapter"
+        info = {"adapter": self._rel(final), "pairs": len(pairs), "corrections": applied, "trained": True}
         try:
-            self.store.commit_dir(t, "train", build, inputs=inputs, recipe_hash=recipe_hash,
-                                  info={"adapter": self._rel(final), "pairs": len(pairs), "corrections": applied, "trained": True})
+            self.store.commit_dir(t, "train", build, inputs=inputs, recipe_hash=recipe_hash, info=info)
         except BaseException as err:
             self.store.log_event("error", t=t, stage="train", message=error_message(err))
             raise
         self.store.log_event("done", t=t, stage="train")
         self.log(f"iter {t} train: adapter {final} (loss {metrics.get('train_loss', float('nan')):.4f}, "
                  f"{metrics.get('steps')} steps)")
+        for line in truncation_warnings(metrics):
+            self.log(f"WARNING iter {t} train: {line}")
         return str(final)
 
     def train_inputs(self, t: int) -> dict:

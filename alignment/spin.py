@@ -44,7 +44,7 @@ from alignment.launch import run_dpo
 from alignment.spin_config import SpinDataConfig, SpinRecipe
 from alignment.stages import run_sharded, run_table_stage, shard_key, stage_outcome
 from alignment.store import sha256_file
-from alignment.training import DPOSpec
+from alignment.training import DPOSpec, trained_rows_info, truncation_warnings
 
 STAGES = SpinRecipe.STAGES
 
@@ -399,13 +399,13 @@ class SpinRun(IterativeRun):
                 crash_prefix=f"iter{t}/train",
             )
             metrics.update(run_dpo(spec, launcher=tc.launcher, spec_path=ckpt / "spec.json", log=self.log))
+            info.update(trained_rows_info(metrics))
             crash_point(f"iter{t}/train/before_commit")
 
         final = self.store.stage_dir(t, "train") / "adapter"
+        info = {"adapter": self._rel(final), "pairs": len(pairs), "beta": beta, "loss_type": tc.loss_type, "trained": True}
         try:
-            self.store.commit_dir(t, "train", build, inputs=inputs, recipe_hash=recipe_hash,
-                                  info={"adapter": self._rel(final), "pairs": len(pairs), "beta": beta,
-                                        "loss_type": tc.loss_type, "trained": True})
+            self.store.commit_dir(t, "train", build, inputs=inputs, recipe_hash=recipe_hash, info=info)
         except BaseException as err:
             self.store.log_event("error", t=t, stage="train", message=f"{type(err).__name__}: {err}")
             raise
@@ -413,6 +413,8 @@ class SpinRun(IterativeRun):
         self.store.log_event("done", t=t, stage="train")
         self.log(f"iter {t} train: adapter {final} (β {beta}, loss {metrics.get('train_loss', float('nan')):.4f}, "
                  f"{metrics.get('steps')} steps)")
+        for line in truncation_warnings(metrics):
+            self.log(f"WARNING iter {t} train: {line}")
         return str(final)
 
     def eval(self, t: int) -> dict:

@@ -55,6 +55,64 @@ def to_conversational(rows: list[dict]) -> list[dict]:
     ]
 
 
+def truncation_report(kept: list[tuple[int, int, int, int]], kinds: list[str], max_length: int) -> dict:
+    """What TRL's DPO (trl 1.12, ``truncation_mode="keep_start"``) did to rows over ``max_length``.
+
+    ``kept``: (row index, prompt, chosen, rejected token counts) of every row TRL's tokenized
+    dataset still holds; ``kinds``: the kind of every input row ("pair", or "judge" for a
+    Meta-Rewarding judge pair). TRL drops a row whose prompt alone has >= max_length tokens (it
+    would keep no completion token), and cuts prompt + completion to its first max_length tokens,
+    so a row is truncated when prompt + max(chosen, rejected) > max_length: the end of a
+    completion is lost (a judgment's final ``Score:`` line, an answer's conclusion).
+    """
+    kept_ids = {i for i, *_ in kept}
+    dropped = [i for i in range(len(kinds)) if i not in kept_ids]
+    truncated = sorted(i for i, p, c, r in kept if p + max(c, r) > max_length)
+    by_kind: dict[str, dict[str, int]] = {}
+    for what, rows in (("dropped", dropped), ("truncated", truncated)):
+        for i in rows:
+            by_kind.setdefault(kinds[i], {"dropped": 0, "truncated": 0})[what] += 1
+    return {"rows": len(kinds), "trained_rows": len(kept), "dropped": len(dropped), "truncated": len(truncated),
+            "max_length": max_length, "dropped_rows": dropped[:50], "truncated_rows": truncated[:50],
+            "cut_by_kind": by_kind}
+
+
+def truncation_warnings(report: dict) -> list[str]:
+    """One warning line per kind of row TRL dropped or cut (empty when nothing was)."""
+    lines = []
+    for kind, n in sorted(report["cut_by_kind"].items()):
+        what = "judge pairs (a cut judgment can lose its final 'Score:' line)" if kind == "judge" else f"{kind} rows"
+        lines.append(f"{n['dropped']} {what} dropped (prompt alone >= max_length {report['max_length']} tokens), "
+                     f"{n['truncated']} cut to max_length; raise train.max_length to keep them whole")
+    return lines
+
+
+def trained_rows_info(metrics: dict) -> dict:
+    """What a train manifest records of a DPO job's rows: trained, dropped and cut at max_length,
+    and the LoRA shape it trained (missing keys, from a job of an older version, stay out)."""
+    return {k: metrics[k] for k in ("trained_rows", "dropped", "truncated", "max_length", "cut_by_kind", "lora")
+            if k in metrics}
+
+
+def lora_settings(peft_config) -> dict:
+    """A PEFT ``LoraConfig`` in the recipe's terms (``train.lora``: r, alpha, dropout, target_modules)."""
+    targets = peft_config.target_modules
+    return {"r": peft_config.r, "alpha": peft_config.lora_alpha, "dropout": peft_config.lora_dropout,
+            "target_modules": sorted(targets) if isinstance(targets, (list, set, tuple)) else targets}
+
+
+def lora_differences(used: dict, recipe: dict) -> list[str]:
+    """The recipe LoRA fields an initial adapter overrides, as "field used (recipe value)"."""
+    out = []
+    for k in ("r", "alpha", "dropout", "target_modules"):
+        a, b = used.get(k), recipe.get(k)
+        if k == "target_modules" and isinstance(a, list) and isinstance(b, (list, tuple)):
+            a, b = sorted(a), sorted(b)
+        if a != b:
+            out.append(f"{k} {a} (recipe {b})")
+    return out
+
+
 def _read_rows(path: str) -> list[dict]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -181,15 +239,24 @@ def train_dpo(spec: DPOSpec) -> dict:
     peft_config = None
     if spec.init_adapter:
         model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
+        # The adapter's own LoRA shape wins over the recipe's: M_{t+1} must be one delta on the
+        # base starting from M_t, so it trains on in the adapter's shape. Say so when they differ.
+        lora_used = lora_settings(model.peft_config["default"])
+        changed = lora_differences(lora_used, spec.lora)
+        if changed:
+            print(f"[train] WARNING training continues the LoRA of {spec.init_adapter} in its own shape, not the "
+                  f"recipe's train.lora: {', '.join(changed)}", flush=True)
     else:
+        lora_used = dict(spec.lora, target_modules=sorted(spec.lora["target_modules"]))
         peft_config = LoraConfig(
             r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
             target_modules=list(spec.lora["target_modules"]), task_type="CAUSAL_LM",
         )
 
-    rows = to_conversational(_read_rows(spec.data))
-    dataset = Dataset.from_list(rows)
-    steps_per_epoch = max(1, math.ceil(len(rows) / (spec.batch_size * spec.grad_accum)))
+    raw = _read_rows(spec.data)
+    rows = to_conversational(raw)
+    # "row" survives TRL's tokenization and filtering, so the rows it dropped can be counted.
+    dataset = Dataset.from_list([r | {"row": i} for i, r in enumerate(rows)])
     args = DPOConfig(
         output_dir=spec.checkpoint_dir,
         beta=spec.beta,
@@ -222,6 +289,14 @@ def train_dpo(spec: DPOSpec) -> dict:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[_Progress(), crash_points_callback(spec.crash_prefix)],
     )
+    kept = trainer.train_dataset
+    report = truncation_report(
+        [(r, len(p), len(c), len(j)) for r, p, c, j in
+         zip(kept["row"], kept["prompt_ids"], kept["chosen_ids"], kept["rejected_ids"])],
+        [r.get("kind", "pair") for r in raw], spec.max_length)
+    if not report["trained_rows"]:
+        raise ValueError(f"every training row has a prompt of >= max_length {spec.max_length} tokens; "
+                         "raise train.max_length")
     _prepare_checkpoint_dir(spec)
     resume = _latest_checkpoint(spec.checkpoint_dir)
     if resume:
@@ -235,8 +310,11 @@ def train_dpo(spec: DPOSpec) -> dict:
     keys = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
     metrics = {
         "pairs": len(rows),
+        **{k: report[k] for k in ("trained_rows", "dropped", "truncated", "max_length", "dropped_rows",
+                                  "truncated_rows", "cut_by_kind")},
+        "lora": lora_used,
         "steps": trainer.state.global_step,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": max(1, math.ceil(report["trained_rows"] / (spec.batch_size * spec.grad_accum))),
         "train_loss": result.training_loss,
         "resumed_from": resume,
         "curve": [{"step": h.get("step")} | {k: h[k] for k in keys if k in h} for h in history],
@@ -251,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m alignment.training dpo SPEC.json", file=sys.stderr)
         return 2
     spec = DPOSpec(**json.loads(Path(argv[1]).read_text()))
-    train_dpo(spec)
+    metrics = train_dpo(spec)
+    for line in truncation_warnings(metrics):  # the stage logs these itself (not "[train]" lines)
+        print(f"WARNING {line}", flush=True)
     return 0
 
 
