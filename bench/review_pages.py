@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import tempfile
 import time
@@ -23,6 +24,8 @@ from starlette.testclient import TestClient  # noqa: E402
 from alignment.pairs import build_pairs  # noqa: E402
 from alignment.review_app import create_app  # noqa: E402
 from alignment.store import RunStore  # noqa: E402
+
+LOCAL = "http://127.0.0.1:8765"  # the app answers only for the host names it was started for
 
 WORDS = ("the model answer explains a clear step because results data user question helpful "
          "consider example first second however therefore response detail").split()
@@ -103,11 +106,11 @@ def main() -> None:
     start = time.perf_counter()
     app.state.data.warm()
     print(f"warm-up (serve() does this at start, in a thread): {time.perf_counter() - start:.3f} s")
-    warm = TestClient(app)
+    warm = TestClient(app, base_url=LOCAL)
     print(f"first overview after warm-up: {timed_get(warm, '/'):.3f} s\n")
 
     # Cold: a fresh app, so each page's "first" includes whatever it has to load itself.
-    client = TestClient(create_app(store.root))
+    client = TestClient(create_app(store.root), base_url=LOCAL)
     print(f"{'page (cold app)':34s} {'first':>8s} {'cached':>8s}")
     times = {}
     for name, url in PAGES:
@@ -115,7 +118,8 @@ def main() -> None:
         print(f"{name:34s} {times[name][0]:7.3f}s {times[name][1]:7.3f}s")
 
     # A correction invalidates the per-prompt summaries (not the tables): time the next load.
-    client.post("/iter/1/corrections", data={"action": "swap", "prompt_id": "p00001"})
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/iter/1").text).group(1)
+    client.post("/iter/1/corrections", data={"action": "swap", "prompt_id": "p00001", "csrf_token": token})
     after = timed_get(client, "/iter/1")
     print(f"{'browser after a correction':34s} {after:7.3f}s\n")
 
