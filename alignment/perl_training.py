@@ -6,8 +6,9 @@ so a cluster can put ``accelerate launch -m alignment.perl_training`` in its pla
 Reward model: ``AutoModelForSequenceClassification`` (one output) on the base, LoRA on the
 attention projections with ``task_type="SEQ_CLS"`` (PEFT then also trains the new ``score``
 head, which has no pretrained weights), Bradley-Terry loss −log σ(r(x, y_c) − r(x, y_r)).
-The text it scores is exactly what PPO will show it: the chat-template prompt (with the
-assistant header) + the response + EOS, and the score is read at the EOS token.
+The tokens it trains on are exactly those it scores and PPO shows it (``rm_input_ids``): the
+chat-template prompt with the assistant header, tokenized without special tokens (the template
+holds any BOS), + the response + EOS; the score is read at the EOS token.
 
 PPO: the policy is the base + a LoRA adapter; the reference is the same module with adapters
 disabled (TRL's ``null_ref_context``), so there is no second copy of the policy; the value model
@@ -134,6 +135,21 @@ def render_prompt(tokenizer, prompt: str) -> str:
     return prompt + "\n"
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The PPO query for a prompt as token ids: ``render_prompt`` tokenized *without* special tokens.
+    The chat template already holds any BOS; a tokenizer that adds one (Llama, Mistral, Gemma)
+    would double it, and vLLM's chat does not add it either."""
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def rm_input_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """What the reward model reads for (x, y), in training, scoring and PPO alike:
+    ``prompt_ids(x) + ids(y) + [EOS]`` (the query PPO generates from, the response tokens, the EOS
+    at which the score is read). TRL's RewardTrainer would tokenize prompt + response as one text
+    with special tokens, training on a second BOS that scoring never shows it."""
+    return prompt_ids(tokenizer, prompt) + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def trainable_share(model) -> dict:
     """Trainable parameters / all parameters (PERL's point: a fraction of a percent with LoRA)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -201,18 +217,13 @@ def rm_scores(model, tokenizer, prompts: list[str], responses: list[str], *, bat
     import torch
 
     device = next(model.parameters()).device
-    texts = [render_prompt(tokenizer, p) + r + tokenizer.eos_token for p, r in zip(prompts, responses)]
+    ids = [rm_input_ids(tokenizer, p, r)[:max_length] for p, r in zip(prompts, responses)]
     out: list[float] = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                max_length=max_length, add_special_tokens=False).to(device)
-                out += model(**enc).logits[:, 0].float().cpu().tolist()
-    finally:
-        tokenizer.padding_side = side
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            enc = tokenizer.pad({"input_ids": ids[i:i + batch_size]}, padding=True, padding_side="right",
+                                return_tensors="pt").to(device)
+            out += model(**enc).logits[:, 0].float().cpu().tolist()
     return out
 
 
@@ -282,8 +293,9 @@ def train_reward_model(spec: RMSpec) -> dict:
     if not train_rows:
         raise ValueError(f"{spec.train_data}: no training pairs")
     acc_before = pairwise_accuracy(model, tokenizer, held_rows, max_length=spec.max_length)
-    rows = [{"prompt": render_prompt(tokenizer, r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in train_rows]
+    # Tokenized here, so TRL trains on exactly the ids rm_scores and PPO feed the model.
+    rows = [{"chosen_ids": rm_input_ids(tokenizer, r["prompt"], r["chosen"]),
+             "rejected_ids": rm_input_ids(tokenizer, r["prompt"], r["rejected"])} for r in train_rows]
     args = RewardConfig(
         output_dir=spec.checkpoint_dir, learning_rate=spec.learning_rate, num_train_epochs=spec.epochs,
         max_steps=spec.max_steps, per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.grad_accum,
@@ -418,7 +430,7 @@ def _function_reward_cls():
 
 # --------------------------------------------------------------------------------- PPO
 def _tokenize_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    return [prompt_ids(tokenizer, p) for p in prompts]
 
 
 def _latest_ppo_checkpoint(checkpoint_dir: str) -> Path | None:

@@ -432,3 +432,57 @@ def test_summary_markdown_states_the_gain_interval():
            "17 prompts better, 15 worse." in md
     assert "reward gain: 0.200, 95% bootstrap interval over prompts [0.100, 0.300]" in md
     assert "gain:" not in summary_markdown({"model": "m", "eval": ev | {"scorer_gain_ci95": None, "reward_gain_ci95": None}})
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with a Llama-style tokenizer: it adds BOS to every encoded text, and its chat
+    template starts with BOS too (so text that went through the template must not get another)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bos-model")
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and not f.name.startswith("tokenizer") and f.name != "chat_template.jinja":
+            shutil.copy(f, out / f.name)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir, add_bos_token=True, bos_token="<|endoftext|>")
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    tok.save_pretrained(out)
+    check = AutoTokenizer.from_pretrained(out)
+    assert check("hi")["input_ids"][0] == check.bos_token_id and check.bos_token == "<|endoftext|>"
+    return out
+
+
+def test_reward_model_trains_on_the_tokens_it_scores(tmp_path, bos_model_dir, monkeypatch):
+    """One tokenization for RM training, RM scoring and PPO: BOS once, then the PPO query, the response, EOS."""
+    from trl import RewardTrainer
+
+    from alignment.perl_training import (RMSpec, _seq_cls, _tokenize_prompts, load_tokenizer, rm_scores,
+                                         train_reward_model)
+
+    trained = []
+    prepare = RewardTrainer._prepare_dataset
+
+    def record(self, dataset, *args, **kw):  # the real preparation; keep what the trainer will train on
+        out = prepare(self, dataset, *args, **kw)
+        trained.append(out)
+        return out
+
+    monkeypatch.setattr(RewardTrainer, "_prepare_dataset", record)
+    data = _pairs(tmp_path / "t.jsonl", 2)
+    train_reward_model(RMSpec(base=str(bos_model_dir), train_data=str(data), heldout_data=None, output_dir="",
+                              checkpoint_dir=str(tmp_path / "ck"), batch_size=2, max_length=128, max_steps=1))
+    pair = json.loads(data.read_text().splitlines()[0])
+    train_ids = trained[0][0]["chosen_ids"]
+
+    tok = load_tokenizer(str(bos_model_dir))
+    scored = []
+    model = _seq_cls(str(bos_model_dir), tok.pad_token_id)
+    model.register_forward_pre_hook(lambda m, args, kw: scored.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+    rm_scores(model, tok, [pair["prompt"]], [pair["chosen"]], max_length=128)
+
+    assert train_ids.count(tok.bos_token_id) == 1 and train_ids[0] == tok.bos_token_id
+    assert train_ids == scored[0]
+    query = _tokenize_prompts(tok, [pair["prompt"]])[0]
+    assert train_ids[:len(query)] == query and train_ids[-1] == tok.eos_token_id
