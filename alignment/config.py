@@ -70,6 +70,11 @@ class JudgeConfig(_Model):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
+    min_digit_mass: float = Field(
+        0.0, ge=0, le=1, description="logprob mode: a judgment whose probability mass on the digits 0–5 after "
+                                     "'Score:' is below this fails (the judge was not about to write a score, "
+                                     "and the renormalised digits would be noise); stored per judgment as "
+                                     "digit_masses. 0 = only zero mass fails")
 
 
 class PairsConfig(_Model):

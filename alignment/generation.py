@@ -78,8 +78,9 @@ class Generator(Protocol):
     def next_token_probs(
         self, conversations: Sequence[Conversation], candidates: Sequence[str], *, adapter: str | None = None
     ) -> list[dict[str, float]]:
-        """Probability of each single-token candidate as the next token after the final
-        (partial, assistant) message of each conversation."""
+        """Probability that each candidate string continues the final (partial, assistant)
+        message of each conversation, exactly as written (see :func:`candidate_probs`): a
+        candidate may be several tokens (``" 4"`` is ``" "`` + ``"4"`` in SmolLM2's tokenizer)."""
         ...
 
     def close(self) -> None: ...
@@ -111,6 +112,10 @@ def open_generator(spec: EngineSpec) -> Generator:
 def _derive_seed(seed: int, *parts: object) -> int:
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+# vLLM returns at most this many logprobs per position unless the engine raises max_logprobs.
+MAX_LOGPROBS = 20
 
 
 def _has_cuda() -> bool:
@@ -189,25 +194,29 @@ class VLLMGenerator:
         return [[Completion(c.text, len(c.token_ids)) for c in out.outputs] for out in outputs]
 
     def next_token_probs(self, conversations, candidates, *, adapter=None):
+        prompts = [self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=False,
+                                                      continue_final_message=True) for c in conversations]
+        return candidate_probs(self.tokenizer, prompts, candidates,
+                               lambda ids, wanted: self._next_token_dists(ids, wanted, adapter))
+
+    def _next_token_dists(self, prompts: list[list[int]], wanted: list[set[int]], adapter) -> list[dict[int, float]]:
+        """p(token | prompt) for the wanted tokens, from the top-``MAX_LOGPROBS`` logprobs
+        (a wanted token outside them counts as 0: its probability is below the 20th's)."""
         import math
 
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
-        if not conversations:
-            return []
-        ids = {cand: _single_token_id(self.tokenizer, cand) for cand in candidates}
-        outputs = self.llm.chat(
-            [list(c) for c in conversations],
-            SamplingParams(max_tokens=1, temperature=0.0, logprobs=20),
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+            SamplingParams(max_tokens=1, temperature=0.0, logprobs=MAX_LOGPROBS),
             lora_request=self._lora(adapter),
-            add_generation_prompt=False,
-            continue_final_message=True,
             use_tqdm=False,
         )
         result = []
-        for out in outputs:
+        for out, want in zip(outputs, wanted):
             top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}
-            result.append({cand: (math.exp(top[i].logprob) if i in top else 0.0) for cand, i in ids.items()})
+            result.append({i: (math.exp(top[i].logprob) if i in top else 0.0) for i in want})
         return result
 
     def close(self) -> None:
@@ -221,11 +230,76 @@ class VLLMGenerator:
             gc.collect()
 
 
-def _single_token_id(tokenizer, text: str) -> int:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise GenerationError(f"candidate {text!r} is {len(ids)} tokens in this tokenizer; need exactly one")
-    return ids[0]
+# How much of the prompt's end is re-tokenized with a candidate to find the candidate's tokens
+# in context; any token boundary a candidate can affect lies well within it.
+CONTEXT_CHARS = 64
+
+
+def continuation_tokens(tokenizer, context: str, candidate: str) -> tuple[int, ...]:
+    """The token ids ``candidate`` becomes when written right after ``context``.
+
+    ids(context + candidate) minus its first len(ids(context)) ids, when ids(context) is their
+    prefix: in-context tokenization sees merges across the boundary and adds no word-start
+    marker (SentencePiece). Otherwise (the candidate's first characters merge into the
+    context's last token, so the model cannot write it as a continuation) ids(candidate) alone.
+    """
+    head = tokenizer.encode(context, add_special_tokens=False)
+    both = tokenizer.encode(context + candidate, add_special_tokens=False)
+    if both[: len(head)] == head and len(both) > len(head):
+        return tuple(both[len(head):])
+    alone = tuple(tokenizer.encode(candidate, add_special_tokens=False))
+    if not alone:
+        raise GenerationError(f"candidate {candidate!r} has no tokens in this tokenizer")
+    return alone
+
+
+def prefix_queries(paths: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], set[int]]:
+    """For every proper prefix q of a candidate path (q = () is the prompt itself): the token
+    ids whose probability as the next token after prompt + q is needed."""
+    queries: dict[tuple[int, ...], set[int]] = {}
+    for path in paths:
+        for i, token in enumerate(path):
+            queries.setdefault(path[:i], set()).add(token)
+    return queries
+
+
+def path_probability(path: tuple[int, ...], next_probs: dict[tuple[int, ...], dict[int, float]]) -> float:
+    """P(t_1 … t_k | prompt) = Π_i p(t_i | prompt, t_1 … t_{i−1}) (chain rule)."""
+    prob = 1.0
+    for i, token in enumerate(path):
+        prob *= next_probs[path[:i]].get(token, 0.0)
+    return prob
+
+
+def candidate_probs(tokenizer, prompts: Sequence[str], candidates: Sequence[str], next_token_dists) -> list[dict[str, float]]:
+    """P(candidate | prompt) for each rendered prompt and candidate string.
+
+    A prompt is the chat-template rendering of a conversation whose final message is being
+    continued. The candidate's tokens are found in context (:func:`continuation_tokens` on the
+    prompt's last ``CONTEXT_CHARS`` characters); a multi-token candidate costs one more
+    next-token read per extra token (:func:`prefix_queries`), shared by candidates with the
+    same start. ``next_token_dists(token_prompts, wanted)`` is the engine's part: for each
+    token-id prompt, the probabilities of the ``wanted`` token ids as its next token.
+    """
+    cache: dict[tuple[str, str], tuple[int, ...]] = {}
+    flat_prompts: list[list[int]] = []
+    flat_wanted: list[set[int]] = []
+    plans = []
+    for prompt in prompts:
+        context = prompt[-CONTEXT_CHARS:]
+        paths = {c: cache.setdefault((context, c), continuation_tokens(tokenizer, context, c)) for c in candidates}
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        queries = prefix_queries(list(paths.values()))
+        plans.append((paths, list(queries), len(flat_prompts)))
+        for q, wanted in queries.items():
+            flat_prompts.append(ids + list(q))
+            flat_wanted.append(wanted)
+    dists = next_token_dists(flat_prompts, flat_wanted) if flat_prompts else []
+    result = []
+    for paths, queries, start in plans:
+        next_probs = dict(zip(queries, dists[start:start + len(queries)]))
+        result.append({c: path_probability(path, next_probs) for c, path in paths.items()})
+    return result
 
 
 class HFGenerator:
@@ -311,21 +385,26 @@ class HFGenerator:
         return results
 
     def next_token_probs(self, conversations, candidates, *, adapter=None):
+        prompts = [self._render(c, True) for c in conversations]
+        return candidate_probs(self.tokenizer, prompts, candidates,
+                               lambda ids, wanted: self._next_token_dists(ids, wanted, adapter))
+
+    def _next_token_dists(self, prompts: list[list[int]], wanted: list[set[int]], adapter) -> list[dict[int, float]]:
         import torch
 
         model = self._model(adapter)
-        ids = {cand: _single_token_id(self.tokenizer, cand) for cand in candidates}
-        texts = [self._render(c, True) for c in conversations]
         result = []
-        for start in range(0, len(texts), self.spec.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.spec.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(self.device)
+        for start in range(0, len(prompts), self.spec.batch_size):
+            enc = self.tokenizer.pad({"input_ids": prompts[start : start + self.spec.batch_size]},
+                                     return_tensors="pt").to(self.device)
+            # Left padding: positions count real tokens only, so a prompt's distribution does
+            # not depend on the longest prompt it was batched with.
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
-                logits = model(**enc).logits[:, -1, :].float()
+                logits = model(**enc, position_ids=positions).logits[:, -1, :].float()
             probs = torch.softmax(logits, dim=-1)
-            for row in probs:
-                result.append({cand: float(row[i]) for cand, i in ids.items()})
+            for row, want in zip(probs, wanted[start : start + self.spec.batch_size]):
+                result.append({i: float(row[i]) for i in want})
         return result
 
     def close(self) -> None:

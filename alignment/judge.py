@@ -7,10 +7,12 @@ own output and only its *last* ``Score:`` line, so a response (or a quoted examp
 - ``free``: the paper. Sample the judgment and parse it; no parseable score = failed judgment.
 - ``constrained``: structured decoding forces the output to end with ``\\nScore: <0-5>``
   (vLLM ``StructuredOutputsParams(regex=...)``), so it always parses.
-- ``logprob``: sample the justification until ``Score:``, then read the next token's
-  distribution over the digits 0–5. ``score_int`` is the most likely digit and
+- ``logprob``: sample the justification until ``Score:``, then read the probability of each
+  digit 0–5 as what follows (see :func:`digit_probs`). ``score_int`` is the most likely digit and
   ``expected_score`` = Σ d·p(d) / Σ p(d) — a finer score than the paper's integer, which
-  saturates and ties (the Meta-Rewarding paper's own complaint).
+  saturates and ties (the Meta-Rewarding paper's own complaint). The mass Σ p(d) is stored with
+  each judgment (``digit_masses``); below ``min_digit_mass`` the judge was not about to write a
+  score and the judgment fails instead of scoring noise.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from alignment.generation import Generator, Sampling
 from alignment.prompts import render
 
 DIGITS = tuple(str(d) for d in range(6))
+# logprob mode: the justification is continued with SCORE_PREFIX and the digit read after it.
+# The prefix ends at the colon, not at a space: chat templates that trim the final message
+# (Llama-3's) would drop a trailing space, the next token would be the space and the digits
+# would get ~0 mass. The model may write the digit with or without a space, so both count.
+SCORE_PREFIX = "\nScore:"
+DIGIT_CANDIDATES = tuple(f" {d}" for d in DIGITS) + DIGITS
 CONSTRAINED_REGEX = r"[^\n]{0,400}\nScore: [0-5]"
 # Judgments are model output of any length and shape, so both parsers run in linear time:
 # quantifiers are possessive (``*+``, no backtracking) over single character classes, and the
@@ -76,6 +84,11 @@ def parse_score(text: str) -> int | None:
     return int(number)
 
 
+def digit_probs(candidate_probs: dict[str, float]) -> dict[str, float]:
+    """p(d) = p(" d") + p("d") after ``SCORE_PREFIX``: the two ways to write the digit d."""
+    return {d: candidate_probs.get(f" {d}", 0.0) + candidate_probs.get(d, 0.0) for d in DIGITS}
+
+
 def score_from_probs(probs: dict[str, float]) -> tuple[int | None, float | None, float]:
     """(argmax digit, expected value, probability mass on digits) from a digit distribution."""
     mass = sum(probs.get(d, 0.0) for d in DIGITS)
@@ -94,6 +107,7 @@ class JudgeSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     max_tokens: int = 256
+    min_digit_mass: float = 0.0  # logprob mode: below this Σ p(d) the judgment fails
 
 
 def judge_responses(
@@ -120,11 +134,11 @@ def judge_responses(
     probs: list[list[dict[str, float]]] = [[{} for _ in t] for t in texts]
     if settings.mode == "logprob":
         flat = [
-            conv + [{"role": "assistant", "content": text.rstrip() + "\nScore: "}]
+            conv + [{"role": "assistant", "content": text.rstrip() + SCORE_PREFIX}]
             for conv, per_row in zip(convs, texts)
             for text in per_row
         ]
-        flat_probs = iter(generator.next_token_probs(flat, DIGITS, adapter=adapter))
+        flat_probs = iter(generator.next_token_probs(flat, DIGIT_CANDIDATES, adapter=adapter))
         probs = [[next(flat_probs) for _ in per_row] for per_row in texts]
 
     out = []
@@ -136,14 +150,17 @@ def judge_responses(
 
 def _one_judgment(text: str, probs: dict[str, float], settings: JudgeSettings) -> dict:
     if settings.mode == "logprob":
-        score_int, expected, _mass = score_from_probs(probs)
+        score_int, expected, mass = score_from_probs(digit_probs(probs))
+        if score_int is None or mass < settings.min_digit_mass:
+            return {"text": text.rstrip(), "score_int": None, "expected": None, "score": None,
+                    "mode": "logprob", "digit_mass": mass}
         used = expected if settings.score == "expected" else score_int
-        return {"text": text.rstrip() + (f"\nScore: {score_int}" if score_int is not None else ""),
-                "score_int": score_int, "expected": expected, "score": used, "mode": "logprob"}
+        return {"text": text.rstrip() + f"{SCORE_PREFIX} {score_int}", "score_int": score_int,
+                "expected": expected, "score": used, "mode": "logprob", "digit_mass": mass}
     score_int = parse_score(text)
     mode = "constrained" if settings.mode == "constrained" else "parsed"
     return {"text": text, "score_int": score_int, "expected": None,
-            "score": None if score_int is None else float(score_int), "mode": mode}
+            "score": None if score_int is None else float(score_int), "mode": mode, "digit_mass": None}
 
 
 def aggregate(row: dict, judged: list[dict]) -> dict:
@@ -161,6 +178,7 @@ def aggregate(row: dict, judged: list[dict]) -> dict:
         "score_ints": [j["score_int"] for j in judged],
         "expected_scores": [j["expected"] for j in judged],
         "score_modes": [j["mode"] for j in judged],
+        "digit_masses": [j.get("digit_mass") for j in judged],
         "mean_score": statistics.fmean(valid) if valid else None,
         "n_failed": len(scores) - len(valid),
     }

@@ -100,6 +100,7 @@ class MetaJudgeSettings:
     top_p: float = 0.9
     max_tokens: int = 512
     debias_position: bool = False  # logprob mode: subtract the prompt's mean log-odds before deciding
+    min_verdict_mass: float = 0.0  # logprob mode: below this p(" A") + p(" B") the battle fails
 
 
 # log p(" A") − log p(" B") with probabilities floored here, so a candidate missing from vLLM's
@@ -156,7 +157,8 @@ def meta_judge_battles(
     ``response_index``, ``a``, ``b`` (judgment indices), ``a_score``, ``b_score``, ``verdict``
     ("A" | "B" | None = failed battle), ``winner`` (the winning judgment index or None),
     ``mode`` ("parsed" | "logprob"), ``p_a``, ``p_b`` (logprob mode: probabilities of " A" and
-    " B" after "Winner: Judgment"), ``offset`` (the position prior subtracted from the
+    " B" after "Winner: Judgment"; when p_a + p_b < ``settings.min_verdict_mass`` the battle
+    fails, as a judgment with too little digit mass does), ``offset`` (the position prior subtracted from the
     log-odds; 0 unless debiasing), ``text`` (the meta-judge's output) and ``length`` (its tokens).
 
     Position debiasing (``settings.debias_position``, logprob mode only) departs from the paper.
@@ -183,16 +185,17 @@ def meta_judge_battles(
         continued = [conv + [{"role": "assistant", "content": c.text.rstrip() + VERDICT_PREFIX}]
                      for conv, c in zip(convs, completions)]
         probs = generator.next_token_probs(continued, tuple(VERDICT_TOKENS.values()), adapter=adapter)
-        if settings.debias_position:
+        if settings.debias_position:  # a battle that fails on mass is no evidence of the position prior
             offsets = position_offsets(
                 [item["prompt_id"] for item, _, _ in plan],
-                [log_odds(p.get(VERDICT_TOKENS["A"], 0.0), p.get(VERDICT_TOKENS["B"], 0.0)) for p in probs])
+                [log_odds(p.get(VERDICT_TOKENS["A"], 0.0), p.get(VERDICT_TOKENS["B"], 0.0))
+                 if sum(p.values()) >= settings.min_verdict_mass else None for p in probs])
     rows = []
     for (item, a, b), c, p in zip(plan, completions, probs):
         offset = offsets.get(item["prompt_id"], 0.0)
         if logprob:
             p_a, p_b = p.get(VERDICT_TOKENS["A"], 0.0), p.get(VERDICT_TOKENS["B"], 0.0)
-            verdict = verdict_from_probs(p_a, p_b, offset)
+            verdict = verdict_from_probs(p_a, p_b, offset) if p_a + p_b >= settings.min_verdict_mass else None
             text = c.text.rstrip() + VERDICT_PREFIX + (f" {verdict}" if verdict else "")
             battle = {"a": a, "b": b, "verdict": verdict, "text": text}
         else:
@@ -433,11 +436,11 @@ class MetaRewardingRun(SelfRewardingRun):
             inputs["model"] = self.model_hash(t)  # M_t meta-judges
         recipe_hash = self._hash(meta_judge={"mode": m.mode, "temperature": m.temperature, "top_p": m.top_p,
                                              "max_tokens": m.max_tokens, "debias_position": m.debias_position,
-                                             "on": on})
+                                             "min_verdict_mass": m.min_verdict_mass, "on": on})
         if not on:
             return self._skip_meta(t, "meta_judge", inputs, recipe_hash)
         settings = MetaJudgeSettings(mode=m.mode, temperature=m.temperature, top_p=m.top_p, max_tokens=m.max_tokens,
-                                     debias_position=m.debias_position)
+                                     debias_position=m.debias_position, min_verdict_mass=m.min_verdict_mass)
 
         def compute():
             items, agree = self._meta_items(t)

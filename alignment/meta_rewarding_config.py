@@ -59,6 +59,10 @@ class MetaJudgeConfig(_Model):
     top_p: float = Field(0.9, gt=0, le=1)
     max_tokens: int = Field(512, ge=1, description="meta-judge reasoning tokens per battle")
     debias_position: bool = Field(False, description="logprob mode: subtract the prompt's mean log-odds (position prior)")
+    min_verdict_mass: float = Field(
+        0.0, ge=0, le=1, description="logprob mode: a battle whose probability mass p(' A') + p(' B') after "
+                                     "'Winner: Judgment' is below this fails (the meta-judge was not about to "
+                                     "name a judgment); 0 = only zero mass fails")
     length_cap: int | None = Field(
         None, ge=1, description="judgments longer than this many tokens are never chosen or rejected "
                                 "(keeps the judge from being trained towards verbosity); None = no cap")

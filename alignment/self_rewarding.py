@@ -88,7 +88,7 @@ class SelfRewardingRun(IterativeRun):
         inputs = {"generate": self.store.output_hash(t, "generate"), "model": self.model_hash(t)}
         recipe_hash = self._section_hash("judge")
         settings = JudgeSettings(n=j.n, mode=j.mode, score=j.score, temperature=j.temperature, top_p=j.top_p,
-                                 max_tokens=j.max_tokens)
+                                 max_tokens=j.max_tokens, min_digit_mass=j.min_digit_mass)
 
         def compute():
             responses = self.store.read_rows(t, "generate")

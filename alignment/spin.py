@@ -444,7 +444,7 @@ class SpinRun(IterativeRun):
                 sampling = Sampling(n=1, temperature=ev.temperature, top_p=ev.top_p, max_tokens=ev.max_tokens)
                 j = ev.judge
                 settings = JudgeSettings(n=j.n, mode=j.mode, score=j.score, temperature=j.temperature, top_p=j.top_p,
-                                         max_tokens=j.max_tokens)
+                                         max_tokens=j.max_tokens, min_digit_mass=j.min_digit_mass)
                 gen = self.generator()
                 for side, model in (("before", before), ("after", after)):
                     answers = generate_responses(gen, held, sampling, adapter=model.adapter,
