@@ -214,12 +214,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            raise RecipeError(f"--set {item!r}: no field name before '=' (expected e.g. train.beta=0.2)")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = data
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -249,10 +251,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeBase
     from any working directory and the stored copy in a run directory stays valid.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a directory, not a recipe file (give the .yaml file)")
+    if not path.exists():
         raise RecipeError(f"{path}: recipe file not found")
+    if not path.is_file():  # a FIFO would block, /dev/zero never ends
+        raise RecipeError(f"{path}: not a regular file, expected a YAML recipe")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

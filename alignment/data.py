@@ -23,6 +23,8 @@ def read_records(source: str, *, split: str = "train") -> list[dict]:
     if path.is_dir():
         raise DataError(f"{source}: is a directory, expected a .jsonl, .csv or .parquet file")
     if path.exists():
+        if not path.is_file():  # a FIFO would block forever, /dev/zero never ends
+            raise DataError(f"{source}: not a regular file, expected a .jsonl, .csv or .parquet file")
         return _read_file(path)
     if path.suffix in {".jsonl", ".json", ".csv", ".parquet"} or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: file not found")
@@ -43,7 +45,7 @@ def _read_file(path: Path) -> list[dict]:
     except Exception as err:  # pyarrow: not a parquet file
         raise DataError(f"{path}: cannot read parquet ({err})") from None
     if path.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        return read_csv(path, text)
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -63,6 +65,25 @@ def _read_file(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         records.append(record | {"__line__": lineno})
+    return records
+
+
+def read_csv(path: Path, text: str) -> list[dict]:
+    """CSV records with ``__line__`` (the line a record starts on). Strict: an unterminated or
+    stray quote, or a NUL byte, is an error naming the line, not a silently merged record."""
+    nul = text.find("\0")
+    if nul >= 0:
+        raise DataError(f"{path}:{text.count(chr(10), 0, nul) + 1}: NUL byte in a CSV file")
+    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+    records, start = [], 1
+    try:
+        reader.fieldnames  # reads the header
+        start = reader.line_num + 1
+        for record in reader:
+            records.append(record | {"__line__": start})
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise DataError(f"{path}:{start}: invalid CSV, unterminated quoted field or stray quote ({err})") from None
     return records
 
 

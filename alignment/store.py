@@ -534,6 +534,10 @@ class RunStore:
             raise _store_error("read", path, e) from e
         except yaml.YAMLError as e:
             raise StoreError(f"cannot read {path}: invalid YAML ({e})", path=path) from e
+        except UnicodeDecodeError as e:
+            raise StoreError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})", path=path) from e
+        if data is not None and not isinstance(data, dict):
+            raise StoreError(f"cannot read {path}: not a YAML mapping (damaged run directory)", path=path)
         return data or {}
 
     def recipe_hash(self) -> str:
@@ -541,7 +545,11 @@ class RunStore:
         return hash_obj(self.recipe())
 
     def run_info(self) -> dict:
-        return _read_json_file(self.root / RUN_FILE)
+        info = _read_json_file(self.root / RUN_FILE)
+        if not isinstance(info, dict):
+            raise StoreError(f"cannot read {self.root / RUN_FILE}: not a JSON object (damaged run directory)",
+                             path=self.root / RUN_FILE)
+        return info
 
     # ------------------------------------------------------------------ paths
     def iter_dir(self, t: int) -> Path:

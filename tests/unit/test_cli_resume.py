@@ -128,9 +128,13 @@ def test_second_process_exits_at_once_naming_the_holder(run_dir):
     (["run", "{recipe}", "--run-dir", "{tmp}/new", "--set", "train.batch_size=0"], "field train.batch_size"),
     (["run", "{recipe}", "--run-dir", "{tmp}/new", "--set", "prompts.source={tmp}/none.jsonl"], "none.jsonl"),
     (["resume", "{tmp}/new"], "does not exist"),
+    (["run", "{tmp}", "--run-dir", "{tmp}/new"], "is a directory, not a recipe file"),
+    (["run", "{recipe}", "--run-dir", "{tmp}/new", "--set", "=5"], "--set '=5': no field name"),
+    (["run", "{tmp}/latin1.yaml", "--run-dir", "{tmp}/new"], "latin1.yaml: not UTF-8 text"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, recipe, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, recipe=recipe) for a in argv]
+    (tmp_path / "latin1.yaml").write_bytes("algorithm: self-rewarding\nname: caf\xe9\n".encode("latin-1"))
     before = _snapshot(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -153,6 +157,25 @@ def test_run_with_another_recipe_on_an_existing_run_exits_2(run_dir, recipe, cap
     assert main(["run", str(other), "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "different recipe" in err and "seed" in err and f"selfalign resume {run_dir}" in err
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("run.json", "[1, 2]", "run.json: not a JSON object"),
+    ("recipe.yaml", b"algorithm: self-rewarding\nname: caf\xe9\n", "recipe.yaml: not UTF-8 text"),
+    ("recipe.yaml", "- a list\n", "recipe.yaml: not a YAML mapping"),
+])
+@pytest.mark.parametrize("command", ["resume", "status"])
+def test_a_damaged_run_file_is_one_line_exit_2(run_dir, capsys, command, name, content, message):
+    path = run_dir / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = _snapshot(run_dir)
+    code = main([command, str(run_dir)])
+    err = capsys.readouterr().err
+    if command == "status" and name == "recipe.yaml":
+        assert code == 0  # status does not need the recipe
+        return
+    assert code == 2 and err.startswith("selfalign: error:") and message in err and err.count("\n") == 1, err
     assert _snapshot(run_dir) == before
 
 

@@ -87,3 +87,22 @@ def test_relative_prompt_source_resolves_against_recipe_dir(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
     _, data = load_recipe(_write(tmp_path, BASE))
     assert data["prompts"]["source"] == str((tmp_path / "p.jsonl").resolve())
+
+
+def test_unreadable_recipes_say_what_is_wrong(tmp_path):
+    from alignment.config import RecipeError, load_recipe
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("algorithm: self-rewarding\nname: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1.yaml: not UTF-8 text"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match=r"is a directory, not a recipe file"):
+        load_recipe(tmp_path)
+
+
+@pytest.mark.parametrize("item", ["=5", " =5", "a..b=1", "train.=1"])
+def test_an_override_without_a_key_names_the_override(item):
+    from alignment.config import RecipeError, apply_overrides
+
+    with pytest.raises(RecipeError, match=f"--set {item!r}: no field name"):
+        apply_overrides({}, [item])

@@ -52,3 +52,37 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="parquet"):
         load_prompts(str(tmp_path / "x.parquet"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('prompt\n"What is AI?\n"unterminated\n', ":2: invalid CSV, unterminated quoted field"),
+    ('prompt\nok\n"open to the end\nmore\n', ":3: invalid CSV, unterminated quoted field"),
+    ("prompt\nfine\nnul\x00byte\n", ":3: NUL byte"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "p.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        load_prompts(str(path))
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_csv_rows_carry_their_line_numbers(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('prompt,other\n"multi\nline",1\n,2\n')
+    with pytest.raises(DataError, match=r"p.csv:4: field 'prompt' is empty"):
+        load_prompts(str(path))
+
+
+def test_non_regular_files_are_refused_at_once(tmp_path):
+    import os
+    import time
+
+    fifo = tmp_path / "p.jsonl"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(DataError, match="not a regular file"):
+        load_prompts(str(fifo))  # a read would block forever: no writer
+    assert time.monotonic() - started < 5
+    with pytest.raises(DataError, match="/dev/zero: not a regular file"):
+        load_prompts("/dev/zero")
