@@ -142,28 +142,8 @@ _TERMINAL = ("done", "skip", "error")
 
 
 def lock_state(store: RunStore) -> dict | None:
-    """The lock file's holder plus ``live``: True/False on this host, None if on another host."""
-    import json
-    import socket
-
-    from alignment.store import LOCK_FILE, _pid_alive
-
-    path = store.root / LOCK_FILE
-    try:
-        holder = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        holder = {}
-    if not isinstance(holder, dict):
-        holder = {}
-    live = None
-    if holder.get("host") == socket.gethostname():
-        try:
-            live = _pid_alive(int(holder.get("pid", 0)))
-        except (TypeError, ValueError):
-            live = False
-    return holder | {"live": live}
+    """The lock file's holder plus ``live`` and ``pid_alive`` (see :meth:`RunLock.inspect`)."""
+    return store.lock().inspect()
 
 
 def interrupted_stages(store: RunStore, events: list[dict] | None = None) -> dict[tuple[int, str], dict]:

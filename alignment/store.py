@@ -282,6 +282,39 @@ def _is_tmp(name: str) -> bool:
 
 # --------------------------------------------------------------------------- lock
 
+# Locks taken with ``acquire(inheritable=True)``, by (pid, resolved run dir): a later RunLock of
+# the same run in the same process inherits them. The pid guards against a forked child.
+_INHERITABLE: dict[tuple[int, str], "RunLock"] = {}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (it may be any process)."""
+    return _pid_alive(pid)
+
+
+def flock_held(path: Path) -> bool | None:
+    """Whether some process holds an flock on ``path`` (Linux ``/proc/locks``: "FLOCK ADVISORY
+    WRITE <pid> <major>:<minor>:<inode> ..." with major/minor in hex); None where unknown."""
+    try:
+        st = os.stat(path)
+        table = Path("/proc/locks").read_text()
+    except FileNotFoundError:
+        return False if not Path(path).exists() else None
+    except OSError:
+        return None
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in table.splitlines():
+        fields = line.split()
+        if "FLOCK" not in fields or len(fields) < 6:
+            continue
+        dev = fields[fields.index("FLOCK") + 4].split(":")  # after ADVISORY WRITE <pid>
+        try:
+            if (int(dev[0], 16), int(dev[1], 16), int(dev[2])) == want:
+                return True
+        except (ValueError, IndexError):
+            continue
+    return False
+
 
 class RunLock:
     """Exclusive ownership of a run directory by one process.
@@ -302,6 +335,10 @@ class RunLock:
        pid, that owner died: ``took_over`` records it.
     4. Release: unlink the file, then drop the flock (close).
 
+    Inheritance: the CLI takes the lock with ``acquire(inheritable=True)`` before Prefect starts
+    (~20 s) and holds it to the end, so a second run is refused at once; the flow's own ``with
+    store.lock()`` in the same process then *inherits* it (no second flock, no release on exit).
+
     Extra caution for shared storage (design §6): if the stale content names a *different
     host* we refuse rather than trust flock across hosts (NFS mounted with ``nolock`` gives
     host-local flocks), and say which file to delete if that process is really gone.
@@ -313,8 +350,12 @@ class RunLock:
         self.root = Path(root)
         self.path = self.root / LOCK_FILE
         self._fd: int | None = None
+        self._inherited = False
         self.took_over: dict | None = None
         self.info: dict | None = None
+
+    def _key(self) -> tuple[int, str]:
+        return os.getpid(), str(self.root.resolve())
 
     # -- helpers
     def _holder_error(self, holder: dict | None) -> RunLocked:
@@ -349,10 +390,22 @@ class RunLock:
         return {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
 
     # -- API
-    def acquire(self) -> "RunLock":
+    def acquire(self, *, inheritable: bool = False) -> "RunLock":
+        """Take the lock (RunLocked if a live process holds it). ``inheritable``: later RunLocks
+        of this run in this process inherit it instead of failing (see the class docstring)."""
         if self._fd is not None:
             raise StoreError(f"lock {self.path} is already held by this RunLock", path=self.path)
+        owner = _INHERITABLE.get(self._key())
+        if owner is not None and owner.held:
+            self._fd, self._inherited, self.info = -1, True, owner.info
+            return self
         _mkdir(self.root)
+        self._acquire()
+        if inheritable:
+            _INHERITABLE[self._key()] = self
+        return self
+
+    def _acquire(self) -> "RunLock":
         if fcntl is None:
             return self._acquire_excl()
         for _ in range(100):
@@ -434,6 +487,11 @@ class RunLock:
     def release(self) -> None:
         if self._fd is None:
             return
+        if self._inherited:  # the owner releases
+            self._fd, self._inherited = None, False
+            return
+        if _INHERITABLE.get(self._key()) is self:
+            del _INHERITABLE[self._key()]
         # Unlink while still holding the flock, so a waiter that opened the old inode
         # notices (inode check in acquire) instead of locking a deleted file.
         _unlink_quiet(self.path)
@@ -445,6 +503,30 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def inspect(self) -> dict | None:
+        """The lock file's holder ``{pid, host, since}`` plus ``live`` (True: a process holds
+        the lock; False: stale; None: another host, cannot tell) and ``pid_alive`` (the named
+        pid exists, which after a SIGKILL may be an unrelated process); None without a lock file.
+        On Linux ``live`` is the kernel's word (an flock on the file), not a pid guess."""
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            holder = {}
+        if not isinstance(holder, dict):
+            holder = {}
+        try:
+            pid = int(holder.get("pid", 0))
+        except (TypeError, ValueError):
+            pid = 0
+        alive = _pid_alive(pid)
+        live = None
+        if holder.get("host") == socket.gethostname():
+            flocked = flock_held(self.path) if fcntl is not None else None
+            live = alive if flocked is None else flocked
+        return holder | {"live": live, "pid_alive": alive}
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -957,7 +1039,8 @@ class RunStore:
     def status(self, stages: list[str] | None = None) -> list[dict]:
         """One row per (iteration, stage).
 
-        ``{iteration, stage, state: "done"|"partial"|"not started", detail, rows, error}``.
+        ``{iteration, stage, state: "done"|"partial"|"damaged"|"not started", detail, rows, error}``
+        ("damaged": a manifest.json that cannot be read).
         Stages are listed in the order given by ``stages`` (missing ones as "not started"),
         then the other stages found on disk in the order they were first seen in events
         (i.e. started), then by manifest creation time / name. ``error`` is the message of
@@ -1003,6 +1086,9 @@ class RunStore:
         if m is not None:
             row.update(state="done", rows=m.get("rows"))
             row["error"] = None
+            return row
+        if (self.stage_dir(t, stage) / MANIFEST).exists():  # not "not started": later stages may be done
+            row.update(state="damaged", detail=f"{MANIFEST} unreadable; a resume redoes the stage")
             return row
         shards = self._shard_files(t, stage)
         if shards:

@@ -86,10 +86,18 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> 
         store, parsed = open_run(run_dir, recipe, overrides)
     except errors as err:
         return _fail(str(err))
-    try:  # fail at once, before Prefect starts, if another process owns the run (the flow locks for real)
-        store.lock().acquire().release()
+    try:  # fail at once, before Prefect starts, and hold the lock to the end (the flow inherits it)
+        lock = store.lock().acquire(inheritable=True)
     except errors as err:
         return _fail(str(err))
+    try:
+        return _run_locked(store, parsed, recipe, overrides)
+    finally:
+        lock.release()
+
+
+def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
+    errors = _user_errors()
     _quiet_prefect_defaults()
     from flows.registry import flow_for
 
@@ -150,6 +158,9 @@ def cmd_status(args) -> int:
         who = f"pid {lock.get('pid')} on {lock.get('host')} since {lock.get('since')}"
         state = {True: "running", False: "stale: that process is gone (killed?); `selfalign resume` takes it over",
                  None: "on another host, cannot check if it is alive"}[lock["live"]]
+        if lock["live"] is False and lock.get("pid_alive"):  # the pid was reused after the run died
+            state = ("stale: that pid is alive but does not hold the lock (an unrelated process; "
+                     "the run was killed?); `selfalign resume` takes it over")
         print(f"lock: {who} ({state})")
     # SIGKILL leaves no error event: a stage still "started" with no live owner was killed.
     killed = {} if lock and lock["live"] is not False else interrupted_stages(store, events)

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -97,6 +98,28 @@ def test_status_of_a_live_run_says_running(run_dir, capsys):
     assert "resume with" not in out
 
 
+def test_status_says_a_garbage_manifest_is_damaged(run_dir, capsys):
+    (run_dir / "iter_1" / "prompts" / "manifest.json").write_text("{garbage")
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    prompts = next(line for line in out.splitlines() if line.strip().startswith("prompts"))
+    assert "damaged" in prompts and "manifest.json" in prompts and "not started" not in prompts
+
+
+def test_status_reports_a_lock_naming_a_live_unrelated_process(run_dir, capsys):
+    sleeper = subprocess.Popen(["sleep", "30"])  # pid reuse: the lock's pid is alive, but it is not our run
+    try:
+        (run_dir / "lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "since": "x"}))
+        assert main(["status", str(run_dir)]) == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    out = capsys.readouterr().out
+    assert f"lock: pid {sleeper.pid}" in out and "(running)" not in out
+    assert "alive but does not hold the lock" in out
+    assert "interrupted: pid" in out and f"resume with: selfalign resume {run_dir}" in out
+
+
 def test_status_of_a_non_run_exits_2(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -118,6 +141,48 @@ def test_second_process_exits_at_once_naming_the_holder(run_dir):
     assert f"is locked by pid {os.getpid()} on host {socket.gethostname()} since" in proc.stderr
     assert "Prefect" not in proc.stdout + proc.stderr and elapsed < 30
     assert after == before
+
+
+def test_the_lock_is_held_from_the_check_on(run_dir, tmp_path):
+    """Between the CLI's lock check and the flow taking the lock (Prefect's start-up, ~20 s) a
+    second run must already find the run locked and exit 2 at once."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import pathlib, sys, time
+        import flows.registry
+        from alignment.store import RunStore
+
+        def slow_flow(run_dir, recipe_path=None, overrides=None):  # a flow whose Prefect start is slow
+            pathlib.Path({str(ready)!r}).write_text("")
+            while not pathlib.Path({str(go)!r}).exists():
+                time.sleep(0.05)
+            with RunStore(run_dir).lock():  # what every flow does: inherits the CLI's lock
+                pass
+            return {{"run_dir": run_dir}}
+
+        flows.registry.flow_for = lambda algorithm: slow_flow
+        from flows.cli import main
+        sys.exit(main(["resume", {str(run_dir)!r}]))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    first = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), first.communicate()
+        try:
+            second = _cli("resume", str(run_dir), timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the second run was not refused: it passed the lock check and went on")
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is locked by pid {first.pid} on host" in second.stderr
+    finally:
+        go.write_text("")
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err[-2000:]
+    assert not (run_dir / "lock").exists()
 
 
 # --------------------------------------------------------------------------- bad input: exit 2, nothing written

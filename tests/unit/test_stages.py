@@ -208,8 +208,9 @@ def test_interrupted_stages_and_lock_state(store):
 
     (store.root / "lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "since": "s"}))
     assert lock_state(store)["live"] is False
-    (store.root / "lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "s"}))
-    assert lock_state(store)["live"] is True
+    (store.root / "lock").unlink()
+    with store.lock():  # live = a process holds the lock, not merely "the pid exists"
+        assert lock_state(store)["live"] is True
     (store.root / "lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "s"}))
     assert lock_state(store)["live"] is None
 

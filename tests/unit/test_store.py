@@ -410,6 +410,42 @@ def test_lock_fallback_without_flock(run, monkeypatch):
     assert not (run.root / "lock").exists()
 
 
+def _other_process_can_lock(root) -> bool:
+    code = f"from alignment.store import RunStore, RunLocked\n" \
+           f"try:\n    RunStore.open({str(root)!r}).lock().acquire().release()\nexcept RunLocked:\n    raise SystemExit(3)"
+    return subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), timeout=60).returncode == 0
+
+
+def test_an_inheritable_lock_is_inherited_by_the_same_process_only(run):
+    """The CLI takes the lock before Prefect starts and keeps it; the flow's own ``with
+    store.lock()`` (same process) inherits it and must not release it on exit."""
+    outer = run.lock().acquire(inheritable=True)
+    with run.lock() as inner:
+        assert inner.held and inner.info == outer.info
+    assert outer.held and (run.root / "lock").exists()
+    assert not _other_process_can_lock(run.root)
+    outer.release()
+    assert not (run.root / "lock").exists() and _other_process_can_lock(run.root)
+    with run.lock():  # plain locks are not inheritable: a second one in-process still fails
+        with pytest.raises(RunLocked):
+            run.lock().acquire()
+
+
+def test_lock_inspect_tells_a_live_holder_from_an_unrelated_live_pid(run):
+    assert run.lock().inspect() is None
+    with run.lock():
+        assert run.lock().inspect()["live"] is True
+    # A lock file left by a SIGKILLed run whose pid now belongs to another process: no flock.
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (run.root / "lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "since": "x"}))
+        state = run.lock().inspect()
+        assert state["live"] is False and state["pid_alive"] is True
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # ------------------------------------------------------------------ events / status
 
 
