@@ -7,16 +7,21 @@ import re
 from typing import Sequence
 
 from alignment.data import prompt_id
-from alignment.generation import Generator, Sampling
+from alignment.generation import Generator, Sampling, derive_seed
 from alignment.prompts import render
 
 
 def generate_responses(
     generator: Generator, prompts: Sequence[dict], sampling: Sampling, *, adapter: str | None = None, seed: int = 0
 ) -> list[dict]:
-    """``sampling.n`` responses per prompt, rows in the "generate" schema."""
+    """``sampling.n`` responses per prompt, rows in the "generate" schema.
+
+    Each prompt's request is seeded with derive_seed(seed, prompt_id), so its responses do not
+    depend on the shard or batch it runs in (vLLM; see :func:`alignment.generation.request_seeds`).
+    """
     convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
-    completions = generator.chat(convs, sampling, adapter=adapter, seed=seed)
+    seeds = [derive_seed(seed, p["prompt_id"]) for p in prompts]
+    completions = generator.chat(convs, sampling, adapter=adapter, seed=seeds)
     return [
         {
             "prompt_id": p["prompt_id"],

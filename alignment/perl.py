@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from alignment.data import DataError, load_prompts, prompt_id, read_records
-from alignment.generation import Sampling, _derive_seed
+from alignment.generation import Sampling, derive_seed
 from alignment.iterative import IterativeRun
 from alignment.models import ModelError, resolve
 from alignment.perl_config import PerlRecipe, PreferenceDataConfig
@@ -369,7 +369,7 @@ class PerlRun(IterativeRun):
 
         def sample_and_score(chunk: Sequence[dict], index: int) -> list[dict]:
             convs = [[{"role": "user", "content": p["prompt"]}] for p in chunk]
-            completions = self.generator().chat(convs, sampling, seed=_derive_seed(self.recipe.seed, "perl-pref", index))
+            completions = self.generator().chat(convs, sampling, seed=derive_seed(self.recipe.seed, "perl-pref", index))
             return [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response": c.text.strip(),
                      "score": call_reward(scorer, p["prompt"], c.text.strip(), g.scorer)}
                     for p, per in zip(chunk, completions) for c in per]
@@ -499,7 +499,7 @@ class PerlRun(IterativeRun):
             rows = []
             for policy, lora in (("before", None), ("after", adapter)):
                 # The same seed for both, so the only difference is the adapter.
-                out = self.generator().chat(convs, sampling, adapter=lora, seed=_derive_seed(self.recipe.seed, "perl-eval"))
+                out = self.generator().chat(convs, sampling, adapter=lora, seed=derive_seed(self.recipe.seed, "perl-eval"))
                 rows += [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "policy": policy, "sample": k,
                           "response": c.text.strip(), "length": c.n_tokens}
                          for p, per in zip(prompts, out) for k, c in enumerate(per)]

@@ -20,7 +20,7 @@ from alignment.actor import generate_responses, self_instruct
 from alignment.config import SelfRewardingRecipe
 from alignment.data import load_prompts
 from alignment.faults import crash_point
-from alignment.generation import Sampling, _derive_seed
+from alignment.generation import Sampling, derive_seed
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
 from alignment.iterative import IterativeRun
@@ -53,7 +53,7 @@ class SelfRewardingRun(IterativeRun):
                     self.generator(), rows, n_new=si.n_new, few_shot=si.few_shot, max_attempts=si.max_attempts,
                     min_chars=si.min_chars, max_chars=si.max_chars,
                     sampling=Sampling(n=1, temperature=si.temperature, top_p=0.95, max_tokens=si.max_tokens),
-                    adapter=self.model(t).adapter, seed=_derive_seed(self.recipe.seed, t, "self_instruct"),
+                    adapter=self.model(t).adapter, seed=derive_seed(self.recipe.seed, t, "self_instruct"),
                 )
                 self.log(f"iter {t} prompts: self-instruct kept {stats['kept']} of {stats['requested']} "
                          f"(duplicates {stats['duplicate']}, too short {stats['too_short']}, too long {stats['too_long']})")
@@ -77,7 +77,7 @@ class SelfRewardingRun(IterativeRun):
                 self.store, t, "generate", prompts, shard_size=self.recipe.engine.shard_size,
                 key=shard_key(inputs, recipe_hash), log=self.log, progress=self._progress("generate", t),
                 compute=lambda chunk, i: generate_responses(
-                    self.generator(), chunk, sampling, adapter=adapter, seed=_derive_seed(self.recipe.seed, t, "gen", i)),
+                    self.generator(), chunk, sampling, adapter=adapter, seed=derive_seed(self.recipe.seed, t, "gen")),
             )
             return rows, {"responses": len(rows), "prompts": len(prompts)}
 
@@ -100,7 +100,7 @@ class SelfRewardingRun(IterativeRun):
                 key=shard_key(inputs, recipe_hash), log=self.log, progress=self._progress("judge", t),
                 compute=lambda chunk, i: judge_responses(
                     self.generator(), [r for group in chunk for r in group], settings, adapter=adapter,
-                    seed=_derive_seed(self.recipe.seed, t, "judge", i)),
+                    seed=derive_seed(self.recipe.seed, t, "judge")),
             )
             stats = judge_stats(rows)
             self.log(f"iter {t} judge: {stats['scored']}/{stats['judgments']} judgments scored "

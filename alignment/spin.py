@@ -37,7 +37,7 @@ from typing import Sequence
 from alignment.actor import generate_responses
 from alignment.data import DataError, prompt_id, read_records
 from alignment.faults import crash_point
-from alignment.generation import Sampling, _derive_seed
+from alignment.generation import Sampling, derive_seed
 from alignment.iterative import IterativeRun
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
@@ -337,7 +337,7 @@ class SpinRun(IterativeRun):
                 self.store, t, "generate", prompts, shard_size=self.recipe.engine.shard_size,
                 key=shard_key(inputs, recipe_hash), log=self.log, progress=self._progress("generate", t),
                 compute=lambda chunk, i: generate_responses(
-                    self.generator(), chunk, sampling, adapter=adapter, seed=_derive_seed(self.recipe.seed, t, "spin-gen", i)),
+                    self.generator(), chunk, sampling, adapter=adapter, seed=derive_seed(self.recipe.seed, t, "spin-gen")),
             )
             self._timed(t, "generate", started)
             return rows, {"responses": len(rows), "prompts": len(prompts)}
@@ -448,9 +448,9 @@ class SpinRun(IterativeRun):
                 gen = self.generator()
                 for side, model in (("before", before), ("after", after)):
                     answers = generate_responses(gen, held, sampling, adapter=model.adapter,
-                                                 seed=_derive_seed(self.recipe.seed, t, "spin-eval"))
+                                                 seed=derive_seed(self.recipe.seed, t, "spin-eval"))
                     judged = judge_responses(gen, answers, settings, adapter=None,
-                                             seed=_derive_seed(self.recipe.seed, t, "spin-eval-judge", side))
+                                             seed=derive_seed(self.recipe.seed, t, "spin-eval-judge", side))
                     for row, a in zip(rows, judged):
                         row[f"response_{side}"] = a["response"]
                         row[f"score_{side}"] = a["mean_score"]

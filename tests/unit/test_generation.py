@@ -77,3 +77,20 @@ def test_self_instruct_dedupes_and_filters(gen):
 ])
 def test_clean_instruction(text, expected):
     assert clean_instruction(text) == expected
+
+
+def test_a_request_gives_the_same_text_whichever_shard_it_runs_in(tiny_model_dir):
+    # Seeds are per request (prompt id; prompt id + response index for a judgment), not per call.
+    # batch_size == n puts each request in a batch of its own, where the transformers backend
+    # samples it with its own seed (larger batches share one generator: per shard, not per request).
+    g = HFGenerator(EngineSpec(base=str(tiny_model_dir), backend="transformers", batch_size=2))
+    try:
+        prompts = [{"prompt_id": f"p{i}", "prompt": f"Question {i}?"} for i in range(4)]
+        sampling = Sampling(n=2, max_tokens=6, temperature=1.0)
+        whole = generate_responses(g, prompts, sampling, seed=3)
+        assert generate_responses(g, prompts[2:], sampling, seed=3) == whole[4:]
+        judge = JudgeSettings(n=2, mode="free", temperature=1.0, max_tokens=6)
+        judged = judge_responses(g, whole, judge, seed=5)
+        assert judge_responses(g, whole[3:6], judge, seed=5) == judged[3:6]
+    finally:
+        g.close()
