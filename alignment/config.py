@@ -25,6 +25,45 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Declared on a field (``Field(..., json_schema_extra=NO_EFFECT)``) whose value cannot change what
+# any stage computes (checkpoint frequency, launcher, review gate ...): ``result_dump`` leaves it
+# out, so every recipe hash ignores it and changing it on resume redoes nothing.
+NO_EFFECT: dict[str, Any] = {"affects_result": False}
+
+
+def affects_result(field_info: Any) -> bool:
+    """False iff the field is declared with ``NO_EFFECT``."""
+    extra = field_info.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("affects_result") is False)
+
+
+def result_dump(model: BaseModel) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` without the fields declared ``NO_EFFECT``, at any depth:
+    what every recipe hash is computed from (the one place that decides it, so none can forget)."""
+    data = model.model_dump(mode="json")
+
+    def strip(m: Any, d: Any) -> Any:
+        if isinstance(m, BaseModel) and isinstance(d, dict):
+            fields = type(m).model_fields
+            return {k: strip(getattr(m, k, None), v) for k, v in d.items()
+                    if k not in fields or affects_result(fields[k])}
+        if isinstance(m, (list, tuple)) and isinstance(d, list):
+            return [strip(a, b) for a, b in zip(m, d)]
+        return d
+
+    return strip(model, data)
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves that differ between two recipe dicts (sorted)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 class SelfInstructConfig(_Model):
     """Self-instruction creation: the model writes new prompts from few-shot seed examples."""
 
@@ -95,12 +134,15 @@ class TrainConfig(_Model):
     batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16)
-    save_steps: int = Field(10, ge=1, description="TRL checkpoint every N steps (for resume)")
+    save_steps: int = Field(10, ge=1, description="TRL checkpoint every N steps (for resume)",
+                            json_schema_extra=NO_EFFECT)
     launcher: Literal["subprocess", "inprocess"] = Field(
-        "subprocess", description="subprocess: `python -m alignment.training` (replaceable by accelerate launch)"
+        "subprocess", description="subprocess: `python -m alignment.training` (replaceable by accelerate launch)",
+        json_schema_extra=NO_EFFECT,
     )
     release_engine: bool = Field(
-        False, description="close the generation engine before training (GPU: frees its memory for the trainer)"
+        False, description="close the generation engine before training (GPU: frees its memory for the trainer)",
+        json_schema_extra=NO_EFFECT,
     )
     lora: LoraConfig = LoraConfig()
 
@@ -121,9 +163,13 @@ class EngineConfig(_Model):
 class ReviewConfig(_Model):
     """Human review before training (see README "Reviewing judge data")."""
 
-    gate: bool = Field(False, description="pause before each training stage until a person approves in the Prefect UI")
-    timeout_s: int = Field(86400, ge=10, description="how long the gate waits before failing the run (resumable)")
-    url: str = Field("http://127.0.0.1:8765", description="where `selfalign review` serves, for links in artifacts")
+    # The gate only pauses; what is trained on is the reviewed data, hashed as the train stage's input.
+    gate: bool = Field(False, description="pause before each training stage until a person approves in the Prefect UI",
+                       json_schema_extra=NO_EFFECT)
+    timeout_s: int = Field(86400, ge=10, description="how long the gate waits before failing the run (resumable)",
+                           json_schema_extra=NO_EFFECT)
+    url: str = Field("http://127.0.0.1:8765", description="where `selfalign review` serves, for links in artifacts",
+                     json_schema_extra=NO_EFFECT)
 
 
 class RecipeBase(_Model):

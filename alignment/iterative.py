@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from alignment.config import result_dump
 from alignment.generation import EngineSpec, Generator, open_generator
 from alignment.models import ResolvedModel, adapter_rank, resolve, with_adapter
 from alignment.stages import Log, Progress
@@ -110,7 +111,7 @@ class IterativeRun:
     def _section_hash(self, *names: str, **extra) -> str:
         """Hash of the recipe sections a stage depends on (so changing train.beta redoes
         training, not generation), plus backend and seed."""
-        data = self.recipe.model_dump(mode="json")
+        data = result_dump(self.recipe)  # without fields declared NO_EFFECT (save_steps, launcher ...)
         return hash_obj({n: data[n] for n in names} | {"backend": data["engine"]["backend"], "seed": data["seed"]} | extra)
 
     def _progress(self, stage: str, t: int) -> Progress | None:

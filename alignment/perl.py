@@ -33,6 +33,7 @@ from alignment.data import DataError, load_prompts, prompt_id, read_records
 from alignment.generation import Sampling, derive_seed
 from alignment.iterative import IterativeRun
 from alignment.models import ModelError, resolve
+from alignment.config import result_dump
 from alignment.perl_config import PerlRecipe, PreferenceDataConfig
 from alignment.perl_training import trainable_share  # noqa: F401  (pure; re-exported)
 from alignment.stages import error_message, run_sharded, run_table_stage, shard_key, stage_outcome
@@ -300,7 +301,7 @@ class PerlRun(IterativeRun):
         return self.recipe.ppo.lora.r
 
     def _hash(self, *names: str, **extra) -> str:
-        data = self.recipe.model_dump(mode="json")
+        data = result_dump(self.recipe)  # without fields declared NO_EFFECT
         return hash_obj({n: data[n] for n in names} | {"model": data["model"], "seed": data["seed"]} | extra)
 
     def _source_hash(self, source: str) -> str:
@@ -396,7 +397,7 @@ class PerlRun(IterativeRun):
             return path
         t, stage = self.T, "reward_model"
         inputs = {"preferences": self.store.output_hash(t, "preferences")}
-        recipe_hash = self._hash(extra=rm.model_dump(mode="json", exclude={"data", "path"}))
+        recipe_hash = self._hash(extra={k: v for k, v in result_dump(rm).items() if k not in ("data", "path")})
         if stage_outcome(self.store, t, stage, inputs, recipe_hash, self.log) is not None:
             return self._output(stage, "adapter")
         rows = self.store.read_rows(t, "preferences")

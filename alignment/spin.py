@@ -41,6 +41,7 @@ from alignment.generation import Sampling, derive_seed
 from alignment.iterative import IterativeRun
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
+from alignment.config import result_dump
 from alignment.spin_config import SpinDataConfig, SpinRecipe
 from alignment.stages import run_sharded, run_table_stage, shard_key, stage_outcome
 from alignment.store import sha256_file
@@ -371,7 +372,7 @@ class SpinRun(IterativeRun):
         tc = self.recipe.train
         beta = tc.beta_for(t)
         # Only this iteration's β counts: editing a later iteration's β must not redo this one.
-        section = {k: v for k, v in self.recipe.train.model_dump(mode="json").items() if k != "beta"}
+        section = {k: v for k, v in result_dump(self.recipe.train).items() if k != "beta"}
         recipe_hash = self._section_hash(train=section, beta=beta)
         if stage_outcome(self.store, t, "train", inputs, recipe_hash, self.log) is not None:
             return self.adapter(t)

@@ -570,8 +570,9 @@ class RunStore:
                     parts.append("recipe keys that differ: " + ", ".join(diff))
                 raise StoreError(
                     f"{root} already holds a run with a different recipe ({'; '.join(parts)}). "
-                    f"To resume it, use `selfalign resume {root}`; to start a new run with this "
-                    f"recipe, pass a new --run-dir.",
+                    f"To resume it, use `selfalign resume {root}`; to change its settings, add "
+                    f"--change-recipe (or `selfalign resume {root} --set KEY=VALUE`); to start a "
+                    f"new run with this recipe, pass a new --run-dir.",
                     path=root,
                 )
             return store
@@ -595,6 +596,16 @@ class RunStore:
         }
         atomic_write_json(root / RUN_FILE, run_info)  # commit point
         return cls(root)
+
+    def change_recipe(self, recipe: dict, *, changes: dict[str, list], affecting: list[str]) -> None:
+        """Replace the stored recipe (the user changed settings on resume): recipe.yaml, then
+        run.json's recipe_hash (the commit point), then a ``recipe_changed`` event with
+        ``changes`` (dotted field -> [old, new]) and ``affecting`` (those that change a result).
+        The caller holds the lock; stages see the change through their recipe hashes."""
+        norm = _normalize_recipe(recipe)
+        atomic_write_text(self.root / RECIPE_FILE, yaml.safe_dump(norm, sort_keys=False, allow_unicode=True))
+        atomic_write_json(self.root / RUN_FILE, self.run_info() | {"recipe_hash": hash_obj(norm)})
+        self.log_event("recipe_changed", changes=changes, affecting=affecting)
 
     @classmethod
     def open(cls, root) -> "RunStore":

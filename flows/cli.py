@@ -78,19 +78,34 @@ def _restore_sigterm(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str]) -> int:
-    from alignment.runs import open_run
+def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str], *, change: bool = False) -> int:
+    """Validate, lock, (change the stored recipe,) run the flow. ``change``: the user asked to
+    change an existing run's settings (``resume --set``, ``run --change-recipe``)."""
+    from alignment.runs import commit_run, load_for_run
+    from alignment.store import RUN_FILE, RunLock
 
     errors = _user_errors()
+    lock = None
     try:  # validate everything before the flow (and the run dir) exists
-        store, parsed = open_run(run_dir, recipe, overrides)
+        parsed, data, path = load_for_run(run_dir, recipe, overrides)
+        parsed.preflight()
+        # Hold the lock from here to the end (the flow inherits it), so a second run is refused
+        # at once. A settings change is written only under the lock; otherwise commit_run writes
+        # nothing to an existing run, so a refused recipe leaves even a stale lock file as it was.
+        if change and (path / RUN_FILE).is_file():
+            lock = RunLock(path).acquire(inheritable=True)
+        store, made = commit_run(path, parsed, data, change=change)
+        if lock is None:
+            lock = store.lock().acquire(inheritable=True)
     except errors as err:
-        return _fail(str(err))
-    try:  # fail at once, before Prefect starts, and hold the lock to the end (the flow inherits it)
-        lock = store.lock().acquire(inheritable=True)
-    except errors as err:
+        if lock is not None:
+            lock.release()
         return _fail(str(err))
     try:
+        if made is not None:
+            print(f"selfalign: changed settings of {store.root} (recorded in recipe.yaml and events.jsonl):")
+            for line in made.lines():
+                print(f"  {line}")
         return _run_locked(store, parsed, recipe, overrides)
     finally:
         lock.release()
@@ -131,11 +146,11 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
 
 
 def cmd_run(args) -> int:
-    return _run_flow(args.run_dir, args.recipe, args.set or [])
+    return _run_flow(args.run_dir, args.recipe, args.set or [], change=args.change_recipe)
 
 
 def cmd_resume(args) -> int:
-    return _run_flow(args.run_dir, None, [])
+    return _run_flow(args.run_dir, None, args.set or [], change=bool(args.set))
 
 
 def cmd_status(args) -> int:
@@ -222,10 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny-self-rewarding.yaml")
     p.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. --set iterations=1")
+    p.add_argument("--change-recipe", action="store_true",
+                   help="the run dir exists with other settings: replace them (stages they affect are redone)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a killed or failed run with the recipe stored in it")
     p.add_argument("run_dir")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change a setting of the run, e.g. --set train.batch_size=1 after an OOM; only the "
+                        "stages it affects are redone")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="per iteration and stage: done / partial / not started, and the last error")

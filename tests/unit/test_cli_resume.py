@@ -244,6 +244,27 @@ def test_a_damaged_run_file_is_one_line_exit_2(run_dir, capsys, command, name, c
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("argv", [["resume", "{run}", "--set", "train.beta=0.5"],
+                                  ["run", "{recipe}", "--run-dir", "{run}", "--change-recipe", "--set", "train.beta=0.5"]])
+def test_a_recipe_change_is_refused_while_the_run_is_locked(run_dir, recipe, capsys, argv):
+    argv = [a.format(run=run_dir, recipe=recipe) for a in argv]
+    with RunStore(run_dir).lock():
+        before = _snapshot(run_dir)
+        assert main(argv) == 2
+        after = _snapshot(run_dir)
+    assert "is locked by pid" in capsys.readouterr().err
+    assert after == before
+
+
+def test_a_bad_override_on_resume_names_the_field_and_writes_nothing(run_dir, capsys):
+    (run_dir / "lock").unlink()
+    before = _snapshot(run_dir)
+    assert main(["resume", str(run_dir), "--set", "train.beta=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "field train.beta" in err and err.count("\n") == 1
+    assert _snapshot(run_dir) == before
+
+
 def test_resume_with_a_damaged_stored_recipe_exits_2(run_dir, capsys):
     (run_dir / "recipe.yaml").write_text("algorithm: self-rewarding\nmodel: [\n")
     before = _snapshot(run_dir)
@@ -307,3 +328,56 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(tmp_path, recipe, prefect_har
 
 def _shard_keys(run):
     return [p.name for p in (run / "iter_1" / "generate" / "shards").iterdir()]
+
+
+def _stage_events(run, since):
+    events = RunStore.open(run).events()[since:]
+    return ({e["stage"] for e in events if e["event"] == "redo"},
+            {e["stage"] for e in events if e["event"] == "skip"}, events)
+
+
+@pytest.mark.integration
+def test_settings_change_on_resume_redoes_exactly_the_stages_they_affect(tmp_path, recipe, prefect_harness):
+    """A tiny-model run, then `resume --set`: save_steps (cannot change a result) redoes nothing;
+    train.beta redoes train only; the change is in recipe.yaml and events.jsonl and is printed."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    run = tmp_path / "run"
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    cli("run", str(recipe), "--run-dir", str(run))
+    stages = {"prompts", "generate", "judge", "pairs", "train"}
+
+    n = len(RunStore.open(run).events())
+    out = cli("resume", str(run), "--set", "train.save_steps=7")
+    redone, skipped, events = _stage_events(run, n)
+    assert redone == set() and skipped == stages, out[-3000:]
+    assert "train.save_steps: 1 -> 7 (cannot change a result: nothing is redone)" in out
+    assert [e["changes"] for e in events if e["event"] == "recipe_changed"] == [{"train.save_steps": [1, 7]}]
+    assert RunStore.open(run).recipe()["train"]["save_steps"] == 7
+
+    n = len(RunStore.open(run).events())
+    out = cli("resume", str(run), "--set", "train.beta=0.2")
+    redone, skipped, events = _stage_events(run, n)
+    assert redone == {"train"} and skipped == stages - {"train"}, out[-3000:]
+    assert "train.beta: 0.1 -> 0.2 (stages that use it are redone)" in out
+    assert "iter 1 train: redoing (recipe changed)" in out
+    assert RunStore.open(run).recipe()["train"]["beta"] == 0.2
+
+    # `run` with a changed recipe file on the existing run dir: refused, unless --change-recipe.
+    changed = write_recipe(tmp_path / "changed.yaml", load_recipe(recipe)[0].model, tmp_path / "prompts.jsonl",
+                           **{"train.beta": 0.2, "train.save_steps": 3})
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(changed), "--run-dir", str(run)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--change-recipe" in proc.stderr
+    n = len(RunStore.open(run).events())
+    out = cli("run", str(changed), "--run-dir", str(run), "--change-recipe")
+    redone, skipped, _ = _stage_events(run, n)
+    assert redone == set() and skipped == stages, out[-3000:]

@@ -106,3 +106,18 @@ def test_an_override_without_a_key_names_the_override(item):
 
     with pytest.raises(RecipeError, match=f"--set {item!r}: no field name"):
         apply_overrides({}, [item])
+
+
+def test_result_dump_leaves_out_fields_that_cannot_change_a_result(tmp_path):
+    from alignment.config import result_dump
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"algorithm": "self-rewarding", "prompts": {"source": "x.jsonl"}}))
+    recipe, _ = load_recipe(path)
+    dumped = result_dump(recipe)
+    for gone in ("save_steps", "launcher", "release_engine"):
+        assert gone not in dumped["train"]
+    assert dumped["review"] == {} and dumped["train"]["beta"] == 0.1 and dumped["train"]["lora"]["r"] == 8
+    other, _ = load_recipe(path, ["train.save_steps=99", "train.launcher=inprocess", "review.gate=true"])
+    assert result_dump(other) == dumped
+    assert result_dump(load_recipe(path, ["train.beta=0.2"])[0]) != dumped
