@@ -8,8 +8,10 @@ is written; a failed or interrupted run prints how to resume it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 EXIT_USER = 2
@@ -52,10 +54,18 @@ def _ui_hint() -> str:
     return "none (temporary server); run `make ui` and export PREFECT_API_URL=http://127.0.0.1:4200/api to watch runs live"
 
 
-def _stop_on_sigterm():
+TERM_GRACE_S = 10.0  # after SIGTERM, at most this long to record the stop before exiting anyway
+
+
+def _stop_on_sigterm(store=None, finished=None):
     """SIGTERM raises :class:`alignment.stages.Terminated` in the main thread, so a preempted or
     ``kill``-ed run stops like Ctrl-C: the stage records why, the lock is released, a trainer
-    subprocess is stopped. (A run killed without a chance to clean up is resumable too.)"""
+    subprocess is stopped. (A run killed without a chance to clean up is resumable too.)
+
+    A clean stop must not take minutes: if it has not finished ``TERM_GRACE_S`` seconds later
+    (e.g. Prefect retrying calls to an API server that was signalled too), the process exits
+    with 143 anyway. Every write is atomic and the kernel drops the lock, so it stays resumable.
+    ``finished`` (a threading.Event) is set once the run has stopped: then nothing is forced."""
     import signal
     import threading
 
@@ -64,8 +74,22 @@ def _stop_on_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return None
 
+    def exit_anyway() -> None:
+        if finished is not None and finished.wait(TERM_GRACE_S):
+            return
+        if finished is None:
+            time.sleep(TERM_GRACE_S)
+        with contextlib.suppress(Exception):
+            if store is not None:
+                store.log_event("error", message=f"terminated (SIGTERM); no clean stop within {TERM_GRACE_S:.0f} s")
+            print(f"\nselfalign: terminated (SIGTERM), stopped after {TERM_GRACE_S:.0f} s without a clean stop; "
+                  f"the run is resumable" + (f": selfalign resume {store.root}" if store is not None else ""),
+                  file=sys.stderr, flush=True)
+        os._exit(EXIT_TERMINATED)
+
     def on_sigterm(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        threading.Thread(target=exit_anyway, name="selfalign-sigterm-deadline", daemon=True).start()
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, on_sigterm)
@@ -117,9 +141,15 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
     from flows.registry import flow_for
 
     print(f"selfalign: {parsed.algorithm} run directory {store.root}", flush=True)
-    previous = _stop_on_sigterm()
+    from flows.temp_server import temporary_server
+
+    import threading
+
+    finished = threading.Event()
+    previous = _stop_on_sigterm(store, finished)
     try:
-        result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
+        with temporary_server():  # dies with this process, even on SIGKILL
+            result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
         from alignment.stages import Terminated, error_message
 
@@ -134,6 +164,7 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
         print(f"selfalign: fix the cause, then: selfalign resume {store.root}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        finished.set()
         _restore_sigterm(previous)
     print("selfalign: done")
     names = {"run_dir": "run directory"}

@@ -236,3 +236,80 @@ def test_kill_anywhere_then_resume_matches_uninterrupted_run(setup, reference):
                                       run_dir / f"iter_{ITERATIONS}/train/adapter")
     assert any("lora_" in n for n, _ in model.named_parameters())
 
+
+
+# --------------------------------------------------------------------------- the temporary Prefect server
+
+
+def _servers_of(prefect_home: Path) -> list[int]:
+    """Pids of temporary Prefect servers started with this PREFECT_HOME (this test's, no one else's)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"prefect.server.api.server:create_app" in cmdline and f"PREFECT_HOME={prefect_home}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _own_server_env(setup, tmp_path: Path, **extra) -> dict:
+    """The CLI with no PREFECT_API_URL: it runs its own temporary server, in a PREFECT_HOME of its own."""
+    env = dict(setup["env"], PREFECT_HOME=str(tmp_path / "prefect-home"), **extra)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _run_cli(env, *args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=restore_sigint, **kw)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc (Linux)")
+def test_a_sigkilled_run_does_not_leak_its_temporary_server(setup, tmp_path):
+    """OOM / preemption: SIGKILL gives no chance to clean up; the server must die with the run."""
+    env = _own_server_env(setup, tmp_path, SELFALIGN_CRASH_AT="iter1/generate/shard0")
+    proc = _run_cli(env, "run", str(setup["recipe"]), "--run-dir", str(tmp_path / "run"))
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    home = tmp_path / "prefect-home"
+    _wait_for(lambda: not _servers_of(home), 15, f"the temporary server to exit (still: {_servers_of(home)})")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc (Linux)")
+def test_sigterm_to_the_whole_process_group_exits_within_seconds(setup, tmp_path):
+    """A scheduler's preemption signals the run's process group, the temporary server included:
+    the run exits 143 within seconds (it took 83-223 s retrying the API) and stays resumable."""
+    run = tmp_path / "run"
+    env = _own_server_env(setup, tmp_path)
+    proc = _run_cli(env, "run", str(setup["recipe"]), "--run-dir", str(run), start_new_session=True)
+    try:
+        _wait_for(lambda: list(run.glob("iter_1/generate/shards/*/shard_*.parquet")) or proc.poll() is not None,
+                  400, "the first shard")
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out[-3000:]
+    assert elapsed < 15, f"took {elapsed:.0f} s to exit after SIGTERM"
+    assert f"selfalign resume {run}" in out
+    _wait_for(lambda: not _servers_of(tmp_path / "prefect-home"), 15, "the temporary server to exit")
+    from alignment.store import RunStore
+
+    assert RunStore.open(run).lock().inspect() is None or RunStore.open(run).lock().inspect()["live"] is False
+    assert RunStore.open(run).read_shards(1, "generate", key=next((run / "iter_1/generate/shards").iterdir()).name)

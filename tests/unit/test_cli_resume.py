@@ -381,3 +381,28 @@ def test_settings_change_on_resume_redoes_exactly_the_stages_they_affect(tmp_pat
     out = cli("run", str(changed), "--run-dir", str(run), "--change-recipe")
     redone, skipped, _ = _stage_events(run, n)
     assert redone == set() and skipped == stages, out[-3000:]
+
+
+def test_a_stop_that_hangs_after_sigterm_is_cut_short():
+    """Whatever hangs after SIGTERM (an API that was signalled too, retried for minutes), the
+    process exits 143 once the grace period is over."""
+    script = textwrap.dedent("""
+        import threading, time
+        import flows.cli as cli
+        cli.TERM_GRACE_S = 1.0
+        cli._stop_on_sigterm(None, threading.Event())
+        try:
+            print("ready", flush=True)
+            time.sleep(60)
+        except KeyboardInterrupt:
+            time.sleep(60)  # the clean stop hangs
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and time.monotonic() - started < 10, err[-2000:]
+    assert "terminated (SIGTERM), stopped after 1 s without a clean stop; the run is resumable" in err
