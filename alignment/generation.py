@@ -310,7 +310,9 @@ def path_probability(path: tuple[int, ...], next_probs: dict[tuple[int, ...], di
     return prob
 
 
-def candidate_probs(tokenizer, prompts: Sequence[str], candidates: Sequence[str], next_token_dists) -> list[dict[str, float]]:
+def candidate_probs(
+    tokenizer, prompts: Sequence[str], candidates: Sequence[str], next_token_dists
+) -> list[dict[str, float]]:
     """P(candidate | prompt) for each rendered prompt and candidate string.
 
     A prompt is the chat-template rendering of a conversation whose final message is being

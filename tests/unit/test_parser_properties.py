@@ -58,7 +58,8 @@ def test_parse_score_never_raises_and_stays_in_range(text):
 
 
 _CLAUSE = st.sampled_from(["", ".", "!", " (it follows the rubric)", ", because B misreads the rubric",
-                           " since Judgment B is too generous", " — A applies the criteria", " and a clear one at that",
+                           " since Judgment B is too generous", " — A applies the criteria",
+                           " and a clear one at that",
                            ", as the other overstates the score", "**", ". Judgment B gives 5 points."])
 _LABEL = st.sampled_from(["Winner:", "winner:", "WINNER :", "**Winner:**", "Final winner:"])
 _NAME = st.sampled_from(["Judgment ", "Judgement ", "judgment ", "", "Judgment"])
