@@ -55,9 +55,18 @@ def _ui_hint() -> str:
 
 
 TERM_GRACE_S = 10.0  # after SIGTERM, at most this long to record the stop before exiting anyway
+TERM_FLUSH_S = 2.0  # after a recorded stop, what Prefect's exit-time flushing may still take
 
 
-def _stop_on_sigterm(store=None, finished=None):
+def _exit_now(code: int) -> None:
+    """Exit without running exit handlers (they are what hangs), after flushing our own output."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _stop_on_sigterm(store=None, stopped=None):
     """SIGTERM raises :class:`alignment.stages.Terminated` in the main thread, so a preempted or
     ``kill``-ed run stops like Ctrl-C: the stage records why, the lock is released, a trainer
     subprocess is stopped. (A run killed without a chance to clean up is resumable too.)
@@ -65,7 +74,8 @@ def _stop_on_sigterm(store=None, finished=None):
     A clean stop must not take minutes: if it has not finished ``TERM_GRACE_S`` seconds later
     (e.g. Prefect retrying calls to an API server that was signalled too), the process exits
     with 143 anyway. Every write is atomic and the kernel drops the lock, so it stays resumable.
-    ``finished`` (a threading.Event) is set once the run has stopped: then nothing is forced."""
+    ``stopped`` (a threading.Event) is set once the stop is recorded; the process then still gets
+    ``TERM_FLUSH_S`` only, as Prefect's exit-time flushing retries a server that is already gone."""
     import signal
     import threading
 
@@ -75,9 +85,10 @@ def _stop_on_sigterm(store=None, finished=None):
         return None
 
     def exit_anyway() -> None:
-        if finished is not None and finished.wait(TERM_GRACE_S):
-            return
-        if finished is None:
+        if stopped is not None and stopped.wait(TERM_GRACE_S):
+            time.sleep(TERM_FLUSH_S)
+            _exit_now(EXIT_TERMINATED)
+        if stopped is None:
             time.sleep(TERM_GRACE_S)
         with contextlib.suppress(Exception):
             if store is not None:
@@ -85,7 +96,7 @@ def _stop_on_sigterm(store=None, finished=None):
             print(f"\nselfalign: terminated (SIGTERM), stopped after {TERM_GRACE_S:.0f} s without a clean stop; "
                   f"the run is resumable" + (f": selfalign resume {store.root}" if store is not None else ""),
                   file=sys.stderr, flush=True)
-        os._exit(EXIT_TERMINATED)
+        _exit_now(EXIT_TERMINATED)
 
     def on_sigterm(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
@@ -145,8 +156,8 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
 
     import threading
 
-    finished = threading.Event()
-    previous = _stop_on_sigterm(store, finished)
+    stopped = threading.Event()
+    previous = _stop_on_sigterm(store, stopped)
     try:
         with temporary_server():  # dies with this process, even on SIGKILL
             result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
@@ -164,7 +175,7 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
         print(f"selfalign: fix the cause, then: selfalign resume {store.root}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        finished.set()
+        stopped.set()  # only a SIGTERM arms the deadline that reads it
         _restore_sigterm(previous)
     print("selfalign: done")
     names = {"run_dir": "run directory"}

@@ -406,3 +406,30 @@ def test_a_stop_that_hangs_after_sigterm_is_cut_short():
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and time.monotonic() - started < 10, err[-2000:]
     assert "terminated (SIGTERM), stopped after 1 s without a clean stop; the run is resumable" in err
+
+
+def test_after_a_recorded_stop_hanging_exit_handlers_do_not_delay_the_exit():
+    """The stop was recorded, but an exit handler retries a server that is gone (Prefect's log
+    flushing did, for 82 s): the process is gone TERM_FLUSH_S later, exit 143, no false alarm."""
+    script = textwrap.dedent("""
+        import atexit, threading, time
+        import flows.cli as cli
+        cli.TERM_GRACE_S, cli.TERM_FLUSH_S = 30.0, 0.5
+        stopped = threading.Event()
+        cli._stop_on_sigterm(None, stopped)
+        atexit.register(time.sleep, 60)
+        try:
+            print("ready", flush=True)
+            time.sleep(60)
+        except KeyboardInterrupt:
+            stopped.set()
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.monotonic() - started < 10, err[-2000:]
+    assert "without a clean stop" not in err
