@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignment.config import EngineConfig, LoraConfig, RecipeBase, _Model, register
+from alignment.config import NO_EFFECT, EngineConfig, LoraConfig, RecipeBase, _Model, register
 
 
 class PerlPromptsConfig(_Model):
@@ -86,7 +86,8 @@ class RewardModelConfig(_Model):
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16, description="longer pairs are dropped by TRL")
-    save_steps: int = Field(50, ge=1, description="TRL checkpoint every N steps (for resume)")
+    save_steps: int = Field(50, ge=1, description="TRL checkpoint every N steps (for resume)",
+                            json_schema_extra=NO_EFFECT)
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
@@ -133,7 +134,8 @@ class PPOConfig(_Model):
     temperature: float = Field(0.7, gt=0, description="rollout sampling temperature")
     missing_eos_penalty: float | None = Field(None, ge=0, description="subtract from the score of responses that never end")
     whiten_rewards: bool = False
-    save_steps: int = Field(10, ge=1, description="checkpoint adapters + optimizer every N steps (resume unit)")
+    save_steps: int = Field(10, ge=1, description="checkpoint adapters + optimizer every N steps (resume unit)",
+                            json_schema_extra=NO_EFFECT)
     value_lora: LoraConfig = LoraConfig()
     lora: LoraConfig = LoraConfig()
 
@@ -170,7 +172,8 @@ class PerlRecipe(RecipeBase):
     ppo: PPOConfig = PPOConfig()
     eval: PerlEvalConfig = PerlEvalConfig()
     launcher: Literal["subprocess", "inprocess"] = Field(
-        "subprocess", description="subprocess: `python -m alignment.perl_training` (replaceable by accelerate launch)")
+        "subprocess", description="subprocess: `python -m alignment.perl_training` (replaceable by accelerate launch)",
+        json_schema_extra=NO_EFFECT)
     engine: EngineConfig = EngineConfig()
 
     STAGES: ClassVar[list[str]] = ["prompts", "preferences", "reward_model", "ppo", "eval"]

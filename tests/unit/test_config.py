@@ -121,3 +121,18 @@ def test_result_dump_leaves_out_fields_that_cannot_change_a_result(tmp_path):
     other, _ = load_recipe(path, ["train.save_steps=99", "train.launcher=inprocess", "review.gate=true"])
     assert result_dump(other) == dumped
     assert result_dump(load_recipe(path, ["train.beta=0.2"])[0]) != dumped
+
+
+def test_result_dump_of_every_shipped_recipe_ignores_checkpoint_and_launcher_settings():
+    """Each algorithm's recipe declares its checkpoint cadence and launcher as NO_EFFECT (PERL has
+    its own: reward_model.save_steps, ppo.save_steps, launcher), so changing them redoes nothing."""
+    from alignment.config import result_dump
+
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        recipe, _ = load_recipe(path)
+        data = recipe.model_dump(mode="json")
+        changes = [f"{section}.save_steps=97" for section in ("train", "reward_model", "ppo") if section in data]
+        changes += [f"{prefix}launcher=inprocess" for prefix in ("", "train.")
+                    if "launcher" in (data if not prefix else data.get("train", {}))]
+        assert changes, path
+        assert result_dump(load_recipe(path, changes)[0]) == result_dump(recipe), (path.name, changes)
