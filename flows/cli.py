@@ -66,7 +66,7 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _stop_on_sigterm(store=None, stopped=None):
+def stop_on_sigterm(store=None, stopped=None):
     """SIGTERM raises :class:`alignment.stages.Terminated` in the main thread, so a preempted or
     ``kill``-ed run stops like Ctrl-C: the stage records why, the lock is released, a trainer
     subprocess is stopped. (A run killed without a chance to clean up is resumable too.)
@@ -157,7 +157,7 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
     import threading
 
     stopped = threading.Event()
-    previous = _stop_on_sigterm(store, stopped)
+    previous = stop_on_sigterm(store, stopped)
     try:
         with temporary_server():  # dies with this process, even on SIGKILL
             result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)

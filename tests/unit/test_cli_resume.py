@@ -383,6 +383,20 @@ def test_settings_change_on_resume_redoes_exactly_the_stages_they_affect(tmp_pat
     assert redone == set() and skipped == stages, out[-3000:]
 
 
+def sigterm_exits_143_within_10_s(script: str) -> str:
+    """Run ``script`` (it prints "ready" once its handler is set), SIGTERM it, check it exited 143
+    within 10 s; its stderr."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.monotonic() - started < 10, err[-2000:]
+    return err
+
+
 def test_a_stop_that_hangs_after_sigterm_is_cut_short():
     """Whatever hangs after SIGTERM (an API that was signalled too, retried for minutes), the
     process exits 143 once the grace period is over."""
@@ -390,21 +404,14 @@ def test_a_stop_that_hangs_after_sigterm_is_cut_short():
         import threading, time
         import flows.cli as cli
         cli.TERM_GRACE_S = 1.0
-        cli._stop_on_sigterm(None, threading.Event())
+        cli.stop_on_sigterm(None, threading.Event())
         try:
             print("ready", flush=True)
             time.sleep(60)
         except KeyboardInterrupt:
             time.sleep(60)  # the clean stop hangs
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    started = time.monotonic()
-    proc.terminate()
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143 and time.monotonic() - started < 10, err[-2000:]
+    err = sigterm_exits_143_within_10_s(script)
     assert "terminated (SIGTERM), stopped after 1 s without a clean stop; the run is resumable" in err
 
 
@@ -416,7 +423,7 @@ def test_after_a_recorded_stop_hanging_exit_handlers_do_not_delay_the_exit():
         import flows.cli as cli
         cli.TERM_GRACE_S, cli.TERM_FLUSH_S = 30.0, 0.5
         stopped = threading.Event()
-        cli._stop_on_sigterm(None, stopped)
+        cli.stop_on_sigterm(None, stopped)
         atexit.register(time.sleep, 60)
         try:
             print("ready", flush=True)
@@ -424,12 +431,5 @@ def test_after_a_recorded_stop_hanging_exit_handlers_do_not_delay_the_exit():
         except KeyboardInterrupt:
             stopped.set()
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    started = time.monotonic()
-    proc.terminate()
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and time.monotonic() - started < 10, err[-2000:]
+    err = sigterm_exits_143_within_10_s(script)
     assert "without a clean stop" not in err
