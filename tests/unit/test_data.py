@@ -34,7 +34,20 @@ def test_limit(tmp_path):
     ],
 )
 def test_bad_prompt_files_name_file_and_line(tmp_path, content, message):
-    path = tmp_path / "p.jsonl"
+    assert_bad_prompt_file(tmp_path / "p.jsonl", content, message)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('prompt\n"What is AI?\n"unterminated\n', ":2: invalid CSV, unterminated quoted field"),
+    ('prompt\nok\n"open to the end\nmore\n', ":3: invalid CSV, unterminated quoted field"),
+    ("prompt\nfine\nnul\x00byte\n", ":3: NUL byte"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path, content, message):
+    assert_bad_prompt_file(tmp_path / "p.csv", content, message)
+
+
+def assert_bad_prompt_file(path, content, message):
+    """Loading ``content`` from ``path`` is a DataError naming the file and ``message``."""
     path.write_text(content)
     with pytest.raises(DataError) as err:
         load_prompts(str(path))
@@ -52,19 +65,6 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="parquet"):
         load_prompts(str(tmp_path / "x.parquet"))
-
-
-@pytest.mark.parametrize("content, message", [
-    ('prompt\n"What is AI?\n"unterminated\n', ":2: invalid CSV, unterminated quoted field"),
-    ('prompt\nok\n"open to the end\nmore\n', ":3: invalid CSV, unterminated quoted field"),
-    ("prompt\nfine\nnul\x00byte\n", ":3: NUL byte"),
-])
-def test_malformed_csv_names_file_and_line(tmp_path, content, message):
-    path = tmp_path / "p.csv"
-    path.write_text(content)
-    with pytest.raises(DataError) as err:
-        load_prompts(str(path))
-    assert str(path) in str(err.value) and message in str(err.value)
 
 
 def test_csv_rows_carry_their_line_numbers(tmp_path):
