@@ -88,7 +88,7 @@ class MetaJudgeConfig(_Model):
 
 
 class MetaPairsConfig(_Model):
-    """Actor pairs with length control (DESIGN §4): ρ = 0 is plain highest vs lowest mean score.
+    """Actor pairs with length control (README, Meta-Rewarding): ρ = 0 is plain highest vs lowest mean score.
 
     ``rho``: one value for every iteration, or one per iteration (iteration t uses entry t; the
     last entry repeats). Larger ρ widens the "near the top" / "near the bottom" score bands, in

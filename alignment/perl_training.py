@@ -1,7 +1,7 @@
 """PERL training jobs: a LoRA reward model (TRL ``RewardTrainer``) and LoRA PPO (``trl.experimental.ppo``).
 
 Runs in-process or as ``python -m alignment.perl_training rm|ppo SPEC.json`` (what the flow does),
-so a cluster can put ``accelerate launch -m alignment.perl_training`` in its place (DESIGN §6).
+so a cluster can put ``accelerate launch -m alignment.perl_training`` in its place.
 
 Reward model: ``AutoModelForSequenceClassification`` (one output) on the base, LoRA on the
 attention projections with ``task_type="SEQ_CLS"`` (PEFT then also trains the new ``score``

@@ -1,7 +1,7 @@
 """TRL training with LoRA: DPO (Self-Rewarding, Meta-Rewarding, SPIN).
 
 Runs in-process or as ``python -m alignment.training SPEC.json`` so a cluster can put
-``accelerate launch -m alignment.training`` in its place (DESIGN §6).
+``accelerate launch -m alignment.training`` in its place.
 
 Reference model with LoRA: the policy of iteration t is M_t = base + adapter_{t-1}, and DPO
 needs M_t as the reference. We load adapter_{t-1} as the *trainable* adapter and pass no
