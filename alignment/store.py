@@ -287,11 +287,6 @@ def _is_tmp(name: str) -> bool:
 _INHERITABLE: dict[tuple[int, str], "RunLock"] = {}
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (it may be any process)."""
-    return _pid_alive(pid)
-
-
 def flock_held(path: Path) -> bool | None:
     """Whether some process holds an flock on ``path`` (Linux ``/proc/locks``: "FLOCK ADVISORY
     WRITE <pid> <major>:<minor>:<inode> ..." with major/minor in hex); None where unknown."""
