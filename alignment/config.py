@@ -158,6 +158,13 @@ class EngineConfig(_Model):
     enforce_eager: bool | None = Field(None, description="None = True on CPU, False on GPU")
     shard_size: int = Field(8, ge=1, description="prompts per shard for generation/judging (resume unit)")
     batch_size: int = Field(16, ge=1, description="transformers backend: sequences per generate call")
+    adapters: Literal["auto", "lora", "merged"] = Field(
+        "auto", description="how a LoRA adapter is served: lora = per request on one engine; merged = an engine "
+        "on base + adapter merged (cached in RUN/merged/); auto = merged for vLLM on CPU, else lora",
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="CPU: model threads (None = every core the process may use)", json_schema_extra=NO_EFFECT,
+    )
 
 
 class ReviewConfig(_Model):

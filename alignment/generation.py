@@ -49,6 +49,7 @@ class EngineSpec:
     enable_lora: bool = False
     max_lora_rank: int = 16
     batch_size: int = 16
+    cpu_threads: int | None = None  # CPU: threads for the model (None = every core this process may use)
     extra: dict = field(default_factory=dict)
 
 
@@ -154,7 +155,64 @@ CPU_BATCHED_TOKENS = 4096
 MAX_LOGPROBS = 20
 
 
-def _has_cuda() -> bool:
+def cgroup_cpu_limit(cpu_max: str | None) -> float | None:
+    """The CPU quota of a cgroup-v2 ``cpu.max`` line ("QUOTA PERIOD", or "max PERIOD" for none),
+    in cores: quota / period; None when there is no quota or no readable line."""
+    parts = (cpu_max or "").split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def usable_cpus(affinity: set[int], quota: float | None, wanted: int | None = None) -> list[int]:
+    """The cores the engine's threads bind to: the lowest ``n`` of this process's affinity mask,
+    n = min(|affinity|, floor(quota) (at least 1) when a cgroup quota applies, ``wanted`` when set)."""
+    n = len(affinity)
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    if wanted is not None:
+        n = min(n, max(1, wanted))
+    return sorted(affinity)[:n]
+
+
+def omp_bind(cpus: Sequence[int], groups: int = 1) -> str:
+    """vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` value for ``groups`` workers (tensor-parallel ranks) on
+    ``cpus``: consecutive equal slices, ids joined by "," and slices by "|" (e.g. [0,1,2,3], 2 ->
+    "0,1|2,3"); the last slice takes the remainder."""
+    size = max(1, len(cpus) // groups)
+    slices = [cpus[i * size:(i + 1) * size] for i in range(groups - 1)] + [cpus[(groups - 1) * size:]]
+    return "|".join(",".join(str(c) for c in s) for s in slices)
+
+
+USER_CPU_ENV = {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in os.environ}
+
+
+def read_cgroup_cpu_max(path: str = "/sys/fs/cgroup/cpu.max") -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_engine_env(cpu_threads: int | None, groups: int = 1) -> dict[str, str]:
+    """The environment that makes vLLM-CPU run its model threads on every usable core.
+
+    vLLM's default ("auto") binds one thread per physical core of one NUMA node and reserves a core
+    for its scheduler: on 2 cores that is one busy core (bench/engine_speed.py: 1.5-1.6x tokens/s
+    with both). Here every core of the affinity mask (within a cgroup quota, or ``cpu_threads``)
+    gets a thread and none is reserved: the scheduler runs in this process between model steps.
+    """
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = usable_cpus(affinity, cgroup_cpu_limit(read_cgroup_cpu_max()), cpu_threads)
+    return {"VLLM_CPU_OMP_THREADS_BIND": omp_bind(cpus, groups), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def has_cuda() -> bool:
     try:
         import torch
 
@@ -169,11 +227,14 @@ class VLLMGenerator:
     backend = "vllm"
 
     def __init__(self, spec: EngineSpec):
-        on_gpu = _has_cuda()
+        on_gpu = has_cuda()
         if not on_gpu:
             # Without this vLLM sizes the CPU KV cache from total RAM.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(spec.kv_cache_gib)))))
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see CPU_SEEDABLE
+            # A user's own VLLM_CPU_* settings (present when this module was imported) win over ours.
+            groups = int(spec.extra.get("tensor_parallel_size", 1))
+            os.environ.update(cpu_engine_env(spec.cpu_threads, groups) | USER_CPU_ENV)
         from vllm import LLM
 
         eager = spec.enforce_eager if spec.enforce_eager is not None else not on_gpu
@@ -355,7 +416,7 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.spec = spec
-        self.device = "cuda" if _has_cuda() else "cpu"
+        self.device = "cuda" if has_cuda() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(spec.base)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

@@ -11,11 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from alignment.adapter_serving import MergedAdapters, serving_mode
 from alignment.config import result_dump
-from alignment.generation import EngineSpec, Generator, open_generator
-from alignment.models import ResolvedModel, adapter_rank, resolve, with_adapter
+from alignment.generation import EngineSpec, Generator, choose_backend, has_cuda, open_generator
+from alignment.models import ResolvedModel, adapter_rank, merge_adapter, resolve, with_adapter
 from alignment.stages import Log, Progress
 from alignment.store import RunStore, hash_obj, sha256_file
+
+
+def adapter_digest(adapter: str | Path) -> str:
+    """sha256 of an adapter's weights file: what identifies the adapter's content."""
+    return sha256_file(Path(adapter) / "adapter_model.safetensors")
 
 
 def lora_rank_slot(r: int) -> int:
@@ -58,10 +64,13 @@ class IterativeRun:
         return str(self.store.root / rel) if rel else None
 
     def model_hash(self, t: int) -> str:
+        """Identity of M_t for stage inputs: the recipe's model, the adapter's weights, and how the
+        engine serves the adapter when that is not per request (merged weights sample differently)."""
         m = self.model(t)
         if m.adapter is None:
             return hash_obj({"model": self.recipe.model})
-        return hash_obj({"model": self.recipe.model, "adapter": sha256_file(Path(m.adapter) / "adapter_model.safetensors")})
+        served = {"served": "merged"} if self.adapter_serving() == "merged" else {}
+        return hash_obj({"model": self.recipe.model, "adapter": adapter_digest(m.adapter)} | served)
 
     def _rel(self, path: str | Path | None) -> str | None:
         """How a manifest records an adapter: relative to the run directory when inside it (the run
@@ -81,22 +90,39 @@ class IterativeRun:
         """The LoRA rank of the adapters this run trains (the engine also fits the recipe's own adapter)."""
         return self.recipe.train.lora.r
 
+    def adapter_serving(self) -> str:
+        """``lora`` or ``merged``: the recipe's ``engine.adapters`` with ``auto`` resolved for this
+        backend and device (see alignment.adapter_serving)."""
+        return serving_mode(self.recipe.engine.adapters, choose_backend(self.recipe.engine.backend), has_cuda())
+
+    def merged_dir(self, adapter: str) -> str:
+        """base + ``adapter`` merged, built once per adapter content in ``RUN/merged/<digest>``."""
+        out = self.store.root / "merged" / adapter_digest(adapter)[:16]
+        if not (out / "config.json").is_file():
+            self.log(f"merging adapter {self._rel(adapter)} into the base -> {self._rel(out)}")
+        return str(merge_adapter(self.base.base, adapter, out))
+
     def generator(self) -> Generator:
-        """One engine per flow run, reused for generation and judging in every iteration."""
+        """One engine per flow run, reused for generation and judging in every iteration (with
+        merged adapters: restarted when the iteration's adapter changes)."""
         if self._generator is None:
             e = self.recipe.engine
+            merged = self.adapter_serving() == "merged"
             spec = EngineSpec(
                 base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
                 max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
                 gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                enable_lora=self.needs_lora(), batch_size=e.batch_size,
+                enable_lora=self.needs_lora() and not merged, batch_size=e.batch_size, cpu_threads=e.cpu_threads,
                 # An adapter given as the model keeps its own rank (DPO trains on from it), which
                 # may exceed the recipe's: vLLM refuses adapters above max_lora_rank.
                 max_lora_rank=lora_rank_slot(max(self.lora_rank(), adapter_rank(self.base.adapter))),
             )
-            self.log(f"starting {e.backend} engine for {self.base.base}")
-            self._generator = open_generator(spec)
-            self.log(f"engine ready ({self._generator.backend})")
+            if merged:  # the engine starts on first use, on the checkpoint of the adapter asked for
+                self._generator = MergedAdapters(spec, self.merged_dir, log=self.log)
+            else:
+                self.log(f"starting {e.backend} engine for {self.base.base}")
+                self._generator = open_generator(spec)
+                self.log(f"engine ready ({self._generator.backend})")
         return self._generator
 
     def close(self) -> bool:

@@ -163,3 +163,34 @@ def with_adapter(model: ResolvedModel, adapter_dir: str | Path | None) -> Resolv
     if adapter_dir is None:
         return model
     return ResolvedModel(base=model.base, adapter=str(Path(adapter_dir).resolve()), ref=model.ref)
+
+
+def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> Path:
+    """A standalone model directory with the adapter folded into the base weights
+    (W' = W + (alpha / r) * B @ A for every LoRA module; PEFT ``merge_and_unload``) and the base's
+    tokenizer, loadable by transformers and vLLM as-is. Written to a temporary sibling directory and
+    renamed into place, so ``out`` is complete or absent; an existing ``out`` is returned unchanged."""
+    target = Path(out)
+    if (target / "config.json").is_file():
+        return target
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")  # merged in the stored dtype
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        for f in tmp.iterdir():  # durable before the rename makes the directory visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process merged it meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -447,10 +447,14 @@ class SpinRun(IterativeRun):
                 settings = JudgeSettings(n=j.n, mode=j.mode, score=j.score, temperature=j.temperature, top_p=j.top_p,
                                          max_tokens=j.max_tokens, min_digit_mass=j.min_digit_mass)
                 gen = self.generator()
-                for side, model in (("before", before), ("after", after)):
-                    answers = generate_responses(gen, held, sampling, adapter=model.adapter,
-                                                 seed=derive_seed(self.recipe.seed, t, "spin-eval"))
-                    judged = judge_responses(gen, answers, settings, adapter=None,
+                # All answers first, then all judgments: an engine serving merged adapters restarts
+                # only when the model changes (M_t, M_{t+1}, then the base judge). Per-request seeds
+                # make the order irrelevant to the result.
+                answers = {side: generate_responses(gen, held, sampling, adapter=model.adapter,
+                                                    seed=derive_seed(self.recipe.seed, t, "spin-eval"))
+                           for side, model in (("before", before), ("after", after))}
+                for side in ("before", "after"):
+                    judged = judge_responses(gen, answers[side], settings, adapter=None,
                                              seed=derive_seed(self.recipe.seed, t, "spin-eval-judge", side))
                     for row, a in zip(rows, judged):
                         row[f"response_{side}"] = a["response"]

@@ -94,3 +94,46 @@ def test_a_request_gives_the_same_text_whichever_shard_it_runs_in(tiny_model_dir
         assert judge_responses(g, whole[3:6], judge, seed=5) == judged[3:6]
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("text, cores", [
+    ("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000", 1.5), ("", None), (None, None),
+    ("junk", None), ("0 100000", None),
+])
+def test_cgroup_cpu_limit(text, cores):
+    from alignment.generation import cgroup_cpu_limit
+
+    assert cgroup_cpu_limit(text) == cores
+
+
+@pytest.mark.parametrize("affinity, quota, wanted, cpus", [
+    ({0, 1}, None, None, [0, 1]),          # every core of the mask
+    ({3, 1, 2}, None, None, [1, 2, 3]),
+    ({0, 1, 2, 3}, 1.5, None, [0]),         # a 1.5-core quota: one thread per whole core
+    ({0, 1, 2, 3}, 0.5, None, [0]),         # at least one
+    ({0, 1, 2, 3}, None, 2, [0, 1]),        # the recipe's engine.cpu_threads
+    ({0, 1}, None, 8, [0, 1]),              # never more than the mask
+])
+def test_usable_cpus(affinity, quota, wanted, cpus):
+    from alignment.generation import usable_cpus
+
+    assert usable_cpus(affinity, quota, wanted) == cpus
+
+
+def test_omp_bind_one_slice_per_tensor_parallel_rank():
+    from alignment.generation import omp_bind
+
+    assert omp_bind([0, 1]) == "0,1"
+    assert omp_bind([0, 1, 2, 3], 2) == "0,1|2,3"
+    assert omp_bind([0, 1, 2, 3, 4], 2) == "0,1|2,3,4"
+
+
+def test_cpu_engine_env_binds_every_usable_core_and_reserves_none():
+    import os
+
+    from alignment.generation import cpu_engine_env
+
+    env = cpu_engine_env(None)
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert sorted(int(c) for c in env["VLLM_CPU_OMP_THREADS_BIND"].split(",")) == sorted(os.sched_getaffinity(0))
+    assert cpu_engine_env(1)["VLLM_CPU_OMP_THREADS_BIND"] == str(min(os.sched_getaffinity(0)))
