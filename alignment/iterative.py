@@ -7,6 +7,7 @@ moved). Every adapter is a delta on one base, so one engine serves all iteration
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -100,7 +101,18 @@ class IterativeRun:
         out = self.store.root / "merged" / adapter_digest(adapter)[:16]
         if not (out / "config.json").is_file():
             self.log(f"merging adapter {self._rel(adapter)} into the base -> {self._rel(out)}")
-        return str(merge_adapter(self.base.base, adapter, out))
+            started = time.monotonic()
+            merge_adapter(self.base.base, adapter, out)
+            self.store.log_event("adapter_merged", adapter=self._rel(adapter), seconds=round(time.monotonic() - started, 2))
+        return str(out)
+
+    def open_engine(self, spec: EngineSpec) -> Generator:
+        """Start an engine, recording an ``engine_started`` event with the seconds it took."""
+        started = time.monotonic()
+        engine = open_generator(spec)
+        self.store.log_event("engine_started", backend=engine.backend, model=self._rel(spec.base),
+                             seconds=round(time.monotonic() - started, 2))
+        return engine
 
     def generator(self) -> Generator:
         """One engine per flow run, reused for generation and judging in every iteration (with
@@ -118,10 +130,10 @@ class IterativeRun:
                 max_lora_rank=lora_rank_slot(max(self.lora_rank(), adapter_rank(self.base.adapter))),
             )
             if merged:  # the engine starts on first use, on the checkpoint of the adapter asked for
-                self._generator = MergedAdapters(spec, self.merged_dir, log=self.log)
+                self._generator = MergedAdapters(spec, self.merged_dir, open_engine=self.open_engine, log=self.log)
             else:
                 self.log(f"starting {e.backend} engine for {self.base.base}")
-                self._generator = open_generator(spec)
+                self._generator = self.open_engine(spec)
                 self.log(f"engine ready ({self._generator.backend})")
         return self._generator
 

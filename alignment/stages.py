@@ -103,8 +103,10 @@ def run_sharded(
         if index not in done:
             started = time.monotonic()
             done[index] = compute(chunk, index)
+            seconds = time.monotonic() - started
             store.write_shard(t, stage, index, done[index], key=layout, fingerprint=fingerprints[index])
-            log(f"iter {t} {stage}: shard {index + 1}/{len(chunks)} ({len(chunk)} items, {time.monotonic() - started:.1f}s)")
+            store.log_event("shard_done", t=t, stage=stage, index=index, items=len(chunk), seconds=round(seconds, 3))
+            log(f"iter {t} {stage}: shard {index + 1}/{len(chunks)} ({len(chunk)} items, {seconds:.1f}s)")
             crash_point(f"iter{t}/{stage}/shard{index}")
         rows.extend(done[index])
         if progress:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -230,6 +231,7 @@ def train_dpo(spec: DPOSpec) -> dict:
 
     from alignment.faults import crash_point
 
+    started = time.monotonic()  # after the imports: what the job costs beyond starting Python
     torch.manual_seed(spec.seed)
     on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
@@ -307,7 +309,8 @@ def train_dpo(spec: DPOSpec) -> dict:
     trainer.model.save_pretrained(spec.output_dir, selected_adapters=["default"])
     tokenizer.save_pretrained(spec.output_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    keys = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+    keys = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen",
+            "logps/rejected")
     metrics = {
         "pairs": len(rows),
         **{k: report[k] for k in ("trained_rows", "dropped", "truncated", "max_length", "dropped_rows",
@@ -317,6 +320,10 @@ def train_dpo(spec: DPOSpec) -> dict:
         "steps_per_epoch": max(1, math.ceil(report["trained_rows"] / (spec.batch_size * spec.grad_accum))),
         "train_loss": result.training_loss,
         "resumed_from": resume,
+        # Wall seconds of the optimizer loop (TRL's train_runtime) and of the whole job after imports
+        # (model load, tokenization, loop, save): bench/iteration_split.py reads them.
+        "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 2),
+        "job_seconds": round(time.monotonic() - started, 2),
         "curve": [{"step": h.get("step")} | {k: h[k] for k in keys if k in h} for h in history],
     }
     Path(spec.output_dir, "train_metrics.json").write_text(json.dumps(metrics, indent=1))

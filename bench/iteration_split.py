@@ -1,0 +1,110 @@
+"""Where a run's wall time goes: the demo (tiny Self-Rewarding recipe) end to end, split per iteration.
+
+    .venv/bin/python bench/iteration_split.py [--recipe recipes/tiny-self-rewarding.yaml] [--set KEY=VALUE ...]
+
+Runs ``selfalign run RECIPE`` as a user does (temporary Prefect server, vLLM, DPO in a subprocess)
+and splits the wall time from what the run directory records:
+
+- model calls:   generation and judging shards (``shard_done`` events), less the engine starts and
+                 adapter merges that happened inside them;
+- engine start:  ``engine_started`` events, plus ``adapter_merged`` (merged adapters) shown apart;
+- training:      the DPO job after its imports (model load, tokenization, steps, save:
+                 ``job_seconds`` in the adapter's train_metrics.json), of which ``train_seconds``
+                 are the optimizer loop;
+- orchestration: everything else (CLI and Prefect server start, trainer process start and imports,
+                 hashing, manifests, events, artifacts, waits).
+
+Prints the table, the orchestration share, iteration-2 / iteration-1 judge time, the demo's wall time,
+and the DPO reward margin / accuracy per step of the last iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ts(event: dict) -> float:
+    return datetime.fromisoformat(event["time"]).timestamp()
+
+
+def split(events: list[dict], run_dir: Path, wall: float, started: float) -> tuple[list[dict], dict]:
+    """Per iteration: window (first stage start .. train done), model, engine, merge, training, orchestration."""
+    rows = []
+    iterations = sorted({e["iteration"] for e in events if isinstance(e.get("iteration"), int)})
+    bounds = {}
+    for t in iterations:
+        mine = [e for e in events if e.get("iteration") == t and e["event"] in ("start", "done", "skip")]
+        bounds[t] = (min(ts(e) for e in mine), max(ts(e) for e in mine))
+    for i, t in enumerate(iterations):
+        lo, hi = bounds[t]
+        if i + 1 < len(iterations):
+            hi = bounds[iterations[i + 1]][0]  # the gap to the next iteration (artifacts, gate) is this one's
+        inside = [e for e in events if lo <= ts(e) <= hi]
+        engine = sum(e["seconds"] for e in inside if e["event"] == "engine_started")
+        merge = sum(e["seconds"] for e in inside if e["event"] == "adapter_merged")
+        shards = sum(e["seconds"] for e in inside if e["event"] == "shard_done")
+        metrics_file = run_dir / f"iter_{t}" / "train" / "adapter" / "train_metrics.json"
+        tm = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        judge = [ts(e) for e in events if e.get("iteration") == t and e.get("stage") == "judge" and e["event"] in ("start", "done")]
+        rows.append({"t": t, "window": hi - lo, "model": shards - engine - merge, "engine": engine, "merge": merge,
+                     "training": tm.get("job_seconds", 0.0), "steps": tm.get("train_seconds", 0.0),
+                     "judge": (max(judge) - min(judge)) if len(judge) == 2 else None, "curve": tm.get("curve", [])})
+    for r in rows:
+        r["orchestration"] = r["window"] - r["model"] - r["engine"] - r["merge"] - r["training"]
+    first = min(bounds[t][0] for t in iterations)
+    last = max(bounds[t][1] for t in iterations)
+    total = {"wall": wall, "startup": first - started, "after": started + wall - last}
+    return rows, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-self-rewarding.yaml"))
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    args = parser.parse_args()
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-split-")) / "run"
+    cmd = [str(REPO / ".venv" / "bin" / "selfalign"), "run", args.recipe, "--run-dir", str(run_dir)]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, PREFECT_HOME=tempfile.mkdtemp(prefix="bench-prefect-"))
+    started = time.time()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.time() - started
+    if out.returncode != 0:
+        sys.exit(f"run failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+    rows, total = split(events, run_dir, wall, started)
+
+    print(f"\n== {Path(args.recipe).name} {' '.join(args.overrides)}: wall {wall:.1f}s "
+          f"({wall / 60:.1f} min), {len(rows)} iterations ==")
+    head = f"{'iter':<6}{'wall s':>8}{'model':>8}{'engine':>8}{'merge':>7}{'training':>10}{'(steps)':>9}{'orchestr.':>11}{'share':>8}"
+    print(head)
+    for r in rows:
+        print(f"{r['t']:<6}{r['window']:>8.1f}{r['model']:>8.1f}{r['engine']:>8.1f}{r['merge']:>7.1f}{r['training']:>10.1f}"
+              f"{r['steps']:>9.1f}{r['orchestration']:>11.1f}{100 * r['orchestration'] / r['window']:>7.1f}%")
+    orch = sum(r["orchestration"] for r in rows) + total["startup"] + total["after"]
+    print(f"whole run: startup (CLI, Prefect server, recipe checks) {total['startup']:.1f}s, after the last stage "
+          f"{total['after']:.1f}s; orchestration {orch:.1f}s = {100 * orch / wall:.1f}% of the wall time")
+    judges = [r["judge"] for r in rows if r["judge"]]
+    if len(judges) >= 2:
+        print(f"judge time: iteration 2 / iteration 1 = {judges[1]:.1f}s / {judges[0]:.1f}s = {judges[1] / judges[0]:.2f}")
+    curve = rows[-1]["curve"]
+    if curve:
+        print(f"DPO, iteration {rows[-1]['t']}: step, loss, reward margin, reward accuracy")
+        for c in curve:
+            print(f"  {c.get('step'):>3} {c.get('loss', float('nan')):.4f} {c.get('rewards/margins', float('nan')):+.4f} "
+                  f"{c.get('rewards/accuracies', float('nan')):.2f}")
+
+
+if __name__ == "__main__":
+    main()
