@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 VERBOSE_ENV = "SELFALIGN_VERBOSE"  # "1": the user asked for everything (``selfalign run -v``)
+LOGS_DIR = "logs"  # RUN/logs/: what the console does not show
 
 _CLEAR = "\r\x1b[K"  # back to the line start, erase it
 
@@ -129,11 +130,15 @@ class Console:
         self._lock = threading.RLock()
 
     def _columns(self) -> int:
+        """The terminal's width; 80 where it reports none (a pty opened without a size: ``script``)."""
         if self.width:
             return self.width
+        columns = 0
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            return os.get_terminal_size(self.stream.fileno()).columns
-        return shutil.get_terminal_size().columns
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        if columns < 20:
+            columns = shutil.get_terminal_size().columns
+        return columns if columns >= 20 else 80
 
     def _write(self, text: str) -> None:
         with contextlib.suppress(OSError, ValueError):  # a closed terminal must not fail the run

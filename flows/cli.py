@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -45,6 +46,85 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's 20 s start-up limit is too tight on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def vllm_logging_config(path: Path) -> dict:
+    """vLLM's ``logging.config.dictConfig`` (``VLLM_LOGGING_CONFIG_PATH``): its loggers, in this
+    process and in its model worker (a child that inherits the environment), appended to ``path``."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,  # vLLM applies it at import: Prefect's loggers must survive
+        "formatters": {"plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "plain"}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+    }
+
+
+def console_environment(logs: Path, *, verbose: bool) -> dict[str, str]:
+    """The settings that keep engine and library output off the terminal (none with ``-v``):
+    Prefect's console handler shows CRITICAL only (its documented ``PREFECT_LOGGING_[PATH]``
+    override of logging.yml's ``handlers.console.level``; its records still reach the log file),
+    and vLLM logs to ``logs/vllm.log`` through its own logging-config hook."""
+    from alignment.console import VERBOSE_ENV
+
+    if verbose:
+        return {VERBOSE_ENV: "1"}
+    return {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL", "VLLM_CONFIGURE_LOGGING": "1",
+            "VLLM_LOGGING_CONFIG_PATH": str(logs / "vllm-logging.json")}
+
+
+@contextlib.contextmanager
+def run_console(root: Path, *, verbose: bool = False):
+    """The console of one run (:mod:`alignment.console`), yielded for the CLI's own messages.
+
+    Quiet (default): the terminal shows the project's stage lines and a progress bar per stage;
+    ``RUN/logs/`` gets the rest: ``run.log`` (every Python log record of this process: Prefect,
+    the stage lines, libraries, warnings), ``vllm.log`` (vLLM, scheduler and worker), ``output.log``
+    (raw output of this process and its children — vLLM's worker, the temporary Prefect server —
+    including C-level prints such as OpenMP/NUMA notices, only catchable at the fd level) and one
+    ``iter_<t>-<stage>-<job>.log`` per training subprocess (``alignment.launch``).
+    ``verbose`` (``-v``): the terminal shows everything as before, progress as plain lines;
+    ``run.log`` and the training logs are still written."""
+    import logging
+
+    from alignment import console as con
+
+    logs = root / con.LOGS_DIR
+    logs.mkdir(exist_ok=True)
+    env = {k: v for k, v in console_environment(logs, verbose=verbose).items() if k not in os.environ}
+    if "VLLM_LOGGING_CONFIG_PATH" in env:
+        (logs / "vllm-logging.json").write_text(json.dumps(vllm_logging_config(logs / "vllm.log"), indent=1))
+    os.environ.update(env)
+    _quiet_prefect_defaults()
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect's handlers exist (with the settings above) before ours are added
+    file_handler = logging.FileHandler(logs / "run.log", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    root_logger = logging.getLogger()
+    root_logger.addHandler(file_handler)
+    logging.captureWarnings(True)  # warnings are records of "py.warnings": to run.log
+    handlers = [file_handler]
+    try:
+        with contextlib.ExitStack() as stack:
+            if verbose:
+                console = con.Console(sys.stderr, tty=False)
+            else:
+                console = con.Console(stack.enter_context(con.output_to(logs / "output.log")))
+                project = Path(__file__).resolve().parent.parent
+                stage_lines = con.StageLineHandler(console, sources=[project / "alignment", project / "flows"])
+                root_logger.addHandler(stage_lines)
+                handlers.append(stage_lines)
+            stack.enter_context(con.use(console))
+            console.say(f"selfalign: engine and library logs: {logs}/" + ("" if verbose else " (-v shows them here)"))
+            yield console
+    finally:
+        logging.captureWarnings(False)
+        for handler in handlers:
+            root_logger.removeHandler(handler)
+            handler.close()
+        for key in env:
+            os.environ.pop(key, None)
 
 
 def _ui_hint() -> str:
@@ -93,9 +173,11 @@ def stop_on_sigterm(store=None, stopped=None):
         with contextlib.suppress(Exception):
             if store is not None:
                 store.log_event("error", message=f"terminated (SIGTERM); no clean stop within {TERM_GRACE_S:.0f} s")
-            print(f"\nselfalign: terminated (SIGTERM), stopped after {TERM_GRACE_S:.0f} s without a clean stop; "
-                  f"the run is resumable" + (f": selfalign resume {store.root}" if store is not None else ""),
-                  file=sys.stderr, flush=True)
+            from alignment import console  # the terminal, also while fds 1/2 go to RUN/logs/
+
+            console.current().say(f"selfalign: terminated (SIGTERM), stopped after {TERM_GRACE_S:.0f} s without a "
+                                  f"clean stop; the run is resumable"
+                                  + (f": selfalign resume {store.root}" if store is not None else ""))
         _exit_now(EXIT_TERMINATED)
 
     def on_sigterm(signum, frame):
@@ -113,7 +195,8 @@ def _restore_sigterm(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str], *, change: bool = False) -> int:
+def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str], *, change: bool = False,
+              verbose: bool = False) -> int:
     """Validate, lock, (change the stored recipe,) run the flow. ``change``: the user asked to
     change an existing run's settings (``resume --set``, ``run --change-recipe``)."""
     from alignment.runs import commit_run, load_for_run
@@ -141,26 +224,25 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str], *, 
             print(f"selfalign: changed settings of {store.root} (recorded in recipe.yaml and events.jsonl):")
             for line in made.lines():
                 print(f"  {line}")
-        return _run_locked(store, parsed, recipe, overrides)
+        return _run_locked(store, parsed, recipe, overrides, verbose)
     finally:
         lock.release()
 
 
-def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
+def _run_locked(store, parsed, recipe: str | None, overrides: list[str], verbose: bool = False) -> int:
     errors = _user_errors()
-    _quiet_prefect_defaults()
-    from flows.registry import flow_for
-
     print(f"selfalign: {parsed.algorithm} run directory {store.root}", flush=True)
-    from flows.temp_server import temporary_server
-
     import threading
 
     stopped = threading.Event()
     previous = stop_on_sigterm(store, stopped)
     try:
-        with temporary_server():  # dies with this process, even on SIGKILL
-            result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
+        with run_console(store.root, verbose=verbose):  # quiet terminal, RUN/logs/ (restored before the messages below)
+            from flows.registry import flow_for
+            from flows.temp_server import temporary_server
+
+            with temporary_server():  # dies with this process, even on SIGKILL
+                result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
         from alignment.stages import Terminated, error_message
 
@@ -172,6 +254,9 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
         return _fail(str(err))
     except Exception as err:  # a real failure: say where, keep the run resumable
         print(f"selfalign: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        from alignment.console import LOGS_DIR
+
+        print(f"selfalign: details in {store.root / LOGS_DIR / 'run.log'}", file=sys.stderr)
         print(f"selfalign: fix the cause, then: selfalign resume {store.root}", file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -188,11 +273,11 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str]) -> int:
 
 
 def cmd_run(args) -> int:
-    return _run_flow(args.run_dir, args.recipe, args.set or [], change=args.change_recipe)
+    return _run_flow(args.run_dir, args.recipe, args.set or [], change=args.change_recipe, verbose=args.verbose)
 
 
 def cmd_resume(args) -> int:
-    return _run_flow(args.run_dir, None, args.set or [], change=bool(args.set))
+    return _run_flow(args.run_dir, None, args.set or [], change=bool(args.set), verbose=args.verbose)
 
 
 def cmd_status(args) -> int:
@@ -271,6 +356,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
+VERBOSE_HELP = ("show everything on the terminal (engine, Prefect and library logs); by default they go to "
+                "RUN/logs/ and the terminal shows the stage lines and a progress bar per stage")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfalign", description=__doc__.split("\n")[0].strip("`: "))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -281,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. --set iterations=1")
     p.add_argument("--change-recipe", action="store_true",
                    help="the run dir exists with other settings: replace them (stages they affect are redone)")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a killed or failed run with the recipe stored in it")
@@ -288,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change a setting of the run, e.g. --set train.batch_size=1 after an OOM; only the "
                         "stages it affects are redone")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="per iteration and stage: done / partial / not started, and the last error")

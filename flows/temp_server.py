@@ -76,6 +76,15 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
     raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
 
 
+def send_pending_logs(timeout: float = 5) -> None:
+    """Send the run's log records still queued for the API before the server stops (at most
+    ``timeout`` s); Prefect's exit-time flush would find it gone and print "Error logging to API"."""
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(Exception):
+        APILogWorker.drain_all(timeout=timeout)
+
+
 def stop(proc: subprocess.Popen, timeout: float = 5) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -106,5 +115,6 @@ def temporary_server(timeout: float = 180) -> Iterator[str | None]:
         _wait_healthy(proc, url, timeout)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+            send_pending_logs()  # after a finished run only: an interrupted one must stop at once
     finally:
         stop(proc)

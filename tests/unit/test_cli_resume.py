@@ -433,3 +433,44 @@ def test_after_a_recorded_stop_hanging_exit_handlers_do_not_delay_the_exit():
     """)
     err = sigterm_exits_143_within_10_s(script)
     assert "without a clean stop" not in err
+
+
+# --------------------------------------------------------------------------- the console
+
+
+def test_console_shows_stage_lines_and_progress_and_logs_the_rest(tmp_path, recipe, prefect_harness):
+    """Not a terminal (a pipe, as in CI): the stage lines, plain progress lines per shard and the
+    logs path once; no Prefect engine or library lines. They are in RUN/logs/, with the trainer
+    subprocess's whole output. ``resume -v`` shows everything (Prefect's own lines included)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    run = tmp_path / "run"
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    proc = cli("run", str(recipe), "--run-dir", str(run), "--set", "train.launcher=subprocess")
+    out = proc.stdout + proc.stderr
+    logs = run / "logs"
+    assert out.count(f"engine and library logs: {logs}/") == 1
+    assert "iter 1 generate: shard 1/2 (" in out and "iter 1 judge: shard 2/2 (" in out  # stage lines
+    assert "iter 1 generate: 1/2 shards (50%), " in out and "iter 1 judge: 2/2 shards in " in out  # progress
+    assert " - step 1/" in out  # the trainer's step lines are stage lines too
+    for noise in ("Finished in state", "| INFO", "Beginning flow run", "Created task run", "Warning"):
+        assert noise not in out, noise
+    assert "\r" not in out and "\x1b[" not in out  # no bar drawing off a terminal
+    run_log = (logs / "run.log").read_text()
+    assert "Finished in state Completed()" in run_log and "iter 1 generate: shard 1/2 (" in run_log
+    train_log = (logs / "iter_1-train-dpo.log").read_text()
+    assert "[train] step 1/" in train_log and len(train_log.splitlines()) > out.count(" - step ")
+    assert (logs / "output.log").exists()
+
+    proc = cli("resume", str(run), "-v")
+    out = proc.stdout + proc.stderr
+    assert out.count(f"engine and library logs: {logs}/") == 1
+    assert "Finished in state Completed()" in out and "iter 1 train: complete, skipped" in out

@@ -164,3 +164,45 @@ def test_output_to_sends_fd_level_output_of_this_process_and_children_to_the_fil
     assert proc.stdout == "" and proc.stderr == "for the terminal\nafter\n"
     log = Path(tmp_path / "output.log").read_text()
     assert "C-level notice" in log and "a library print" in log and "child stderr" in log
+
+
+# --------------------------------------------------------------------------- log files
+
+
+def test_trainer_log_is_named_for_its_iteration_stage_and_job(tmp_path):
+    from alignment.launch import job_log_path
+
+    (tmp_path / "run.json").write_text("{}")
+    spec = tmp_path / "iter_2" / "train" / "checkpoints" / "spec.json"
+    assert job_log_path(spec, "dpo") == tmp_path / "logs" / "iter_2-train-dpo.log"
+    assert job_log_path(tmp_path.parent / "elsewhere" / "spec.json", "dpo") is None  # not in a run dir
+
+
+@pytest.mark.parametrize("line, step", [("step 3/10 loss 0.6931 margin 0.0", (None, 3, 10)),
+                                        ("ppo step 2/4 reward 0.1 kl 0.0", ("ppo", 2, 4)),
+                                        ("rm step 1/5 loss 0.7", ("rm", 1, 5)),
+                                        ("resuming from checkpoint-1", None), ("steps 1/2", None)])
+def test_trainer_step_lines_feed_the_training_bar(line, step):
+    from alignment.launch import step_progress
+
+    assert step_progress(line) == step
+
+
+def test_vllm_logs_go_to_the_file_named_by_its_logging_config(tmp_path):
+    """The hook the CLI uses (VLLM_LOGGING_CONFIG_PATH, applied by vLLM's engine from the environment,
+    in this process and in its worker, which inherits it): vLLM's records land in the file, none on
+    stdout/stderr, and other loggers' configuration survives vLLM's dictConfig."""
+    pytest.importorskip("vllm")
+    from flows.cli import vllm_logging_config
+
+    config = tmp_path / "vllm-logging.json"
+    config.write_text(__import__("json").dumps(vllm_logging_config(tmp_path / "vllm.log")))
+    script = ("import logging; other = logging.getLogger('other'); other.addHandler(logging.StreamHandler()); "
+              "from vllm.config.logging import LoggingConfig; from vllm.logger import configure_logging, init_logger; "
+              "configure_logging(LoggingConfig()); init_logger('vllm.test').info('engine says hello'); "
+              "other.warning('still here')")
+    env = dict(os.environ, VLLM_CONFIGURE_LOGGING="1", VLLM_LOGGING_CONFIG_PATH=str(config))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "engine says hello" in (tmp_path / "vllm.log").read_text()
+    assert "engine says hello" not in proc.stdout + proc.stderr and "still here" in proc.stderr
