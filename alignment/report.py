@@ -64,3 +64,17 @@ def judge_table(rows: list[dict], limit: int = 200, text_chars: int = 300) -> li
         }
         for r in rows[:limit]
     ]
+
+
+def learning_line(curve: list[dict]) -> str | None:
+    """How DPO moved on its own pairs, first logged step → last: reward margin
+    (β·[log π/π_ref(chosen) − log π/π_ref(rejected)], TRL's ``rewards/margins``) and reward accuracy
+    (share of pairs with margin > 0, ``rewards/accuracies``). None for fewer than two steps."""
+    steps = [c for c in curve if "rewards/margins" in c]
+    if len(steps) < 2:
+        return None
+    first, last = steps[0], steps[-1]
+    text = f"reward margin {first['rewards/margins']:+.3f} -> {last['rewards/margins']:+.3f}"
+    if "rewards/accuracies" in first and "rewards/accuracies" in last:
+        text += f", accuracy {first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}"
+    return f"{text} over {len(steps)} steps (loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f})"
