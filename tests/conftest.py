@@ -80,6 +80,45 @@ def write_recipe(path: Path, model: str, prompts: Path, **overrides) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def judged_tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """Iteration 1 of the test recipe on the tiny model through the Self-Rewarding stages up to
+    pairs, not trained: (run dir, recipe). Tests that correct it and train copy it
+    (``copy_judged_run``) instead of generating and judging it again."""
+    from alignment.config import load_recipe
+    from alignment.self_rewarding import SelfRewardingRun
+    from alignment.store import RunStore
+
+    root = tmp_path_factory.mktemp("judged")
+    prompts = root / "p.jsonl"
+    # 4 prompts x 2 responses: the seeded tiny model's expected-value scores do not tie, so 4 pairs.
+    prompts.write_text("".join(f'{{"prompt": "Tell me about topic {i}."}}\n' for i in range(4)))
+    recipe_path = write_recipe(root / "r.yaml", str(tiny_model_dir), prompts)
+    recipe, data = load_recipe(recipe_path)
+    store = RunStore.create(root / "run", recipe=data, algorithm=recipe.algorithm)
+    run = SelfRewardingRun(store, recipe, log=lambda _: None)
+    try:
+        for stage in ("prompts", "generate", "judge", "pairs"):
+            getattr(run, stage)(1)
+    finally:
+        run.close()
+    return root / "run", recipe_path
+
+
+def copy_judged_run(judged: tuple[Path, Path], dest: Path):
+    """A private copy of ``judged_tiny_run`` at ``dest``: (store, SelfRewardingRun on it)."""
+    import shutil
+
+    from alignment.config import load_recipe
+    from alignment.self_rewarding import SelfRewardingRun
+    from alignment.store import RunStore
+
+    run_dir, recipe_path = judged
+    shutil.copytree(run_dir, dest)
+    store = RunStore.open(dest)
+    return store, SelfRewardingRun(store, load_recipe(recipe_path)[0], log=lambda _: None)
+
+
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     p = tmp_path / "prompts.jsonl"

@@ -139,20 +139,13 @@ def test_form_from_another_page_is_refused_in_browser(server, page, run):
     assert not (run.root / CORRECTIONS_FILE).exists()
 
 
-def test_correction_on_a_real_run_is_used_by_the_next_training(tmp_path, tiny_model_dir, page):
-    """A run directory made by the Self-Rewarding stages (tiny recipe shape, tiny model): filter to
-    ties, exclude a pair in the browser, then the train stage trains without it and records it."""
-    from alignment.config import load_recipe
-    from alignment.self_rewarding import SelfRewardingRun
-    from tests.conftest import write_recipe
+def test_correction_on_a_real_run_is_used_by_the_next_training(tmp_path, judged_tiny_run, page):
+    """A run directory made by the Self-Rewarding stages (the test recipe, tiny model; a copy of
+    the session's ``judged_tiny_run``): filter to ties, exclude a pair in the browser, then the
+    train stage trains without it and records it."""
+    from tests.conftest import copy_judged_run
 
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(f'{{"prompt": "Tell me about topic {i}."}}\n' for i in range(6)))
-    recipe, data = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), prompts, **{"generation.n": 3}))
-    store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
-    run = SelfRewardingRun(store, recipe, log=lambda _: None)
-    for stage in ("prompts", "generate", "judge", "pairs"):
-        getattr(run, stage)(1)
+    store, run = copy_judged_run(judged_tiny_run, tmp_path / "run")
     pairs = store.read_rows(1, "pairs")
     ties = store.manifest(1, "pairs")["info"]["ties"]
     assert pairs, "the tiny model should give some non-tied prompts"

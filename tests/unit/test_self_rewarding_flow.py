@@ -7,7 +7,7 @@ import pytest
 from alignment.config import load_recipe
 from alignment.self_rewarding import SelfRewardingRun
 from alignment.store import RunStore
-from tests.conftest import write_recipe
+from tests.conftest import copy_judged_run, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +89,12 @@ def test_no_pairs_skips_training_with_a_warning(tmp_path, tiny_model_dir, prompt
     assert run.model(2).adapter is None
 
 
-def test_training_applies_review_corrections(tmp_path, tiny_model_dir):
+def test_training_applies_review_corrections(tmp_path, judged_tiny_run):
     import json as _json
 
     from alignment.corrections import add_correction
 
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(f'{{"prompt": "Tell me about topic {i}."}}\n' for i in range(6)))
-    recipe_path = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), prompts, **{"generation.n": 3})
-    recipe, data = load_recipe(recipe_path)
-    store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
-    run = SelfRewardingRun(store, recipe, log=lambda _: None)
-    for stage in ("prompts", "generate", "judge"):
-        getattr(run, stage)(1)
-    run.pairs(1)
+    store, run = copy_judged_run(judged_tiny_run, tmp_path / "run")
     pairs = store.read_rows(1, "pairs")
     assert len(pairs) >= 2, "tiny model should produce some non-tied prompts"
     excluded, swapped = pairs[0], pairs[1]

@@ -248,22 +248,40 @@ def test_crash_point_can_send_sigint_once():
     assert p.returncode == 0 and p.stdout == "interrupted\nsecond pass ok\n"
 
 
-def test_trainer_crash_points_fire_on_their_step_and_save():
-    # The DPO and reward-model trainers share this callback; the kill tests rely on its names.
-    code = """
-        from types import SimpleNamespace
-        from alignment.training import crash_points_callback
+class _Killed(BaseException):
+    """Stands in for the SIGKILL of a crash point in this process."""
+
+
+def test_trainer_crash_points_fire_on_their_step_and_save(monkeypatch):
+    """The DPO and reward-model trainers share this callback; the kill tests rely on its names.
+    Run in this process, with the kill itself replaced by an exception (that ``crash_point`` really
+    SIGKILLs is ``test_crash_point_kills_only_at_its_name``): a child importing the trainer took ~30 s."""
+    from types import SimpleNamespace
+
+    from alignment.training import crash_points_callback
+
+    def kill(pid, sig):
+        assert (pid, sig) == (os.getpid(), signal.SIGKILL)
+        raise _Killed
+
+    def run_until_killed(point: str) -> list[str]:
+        monkeypatch.setenv("SELFALIGN_CRASH_AT", point)
+        passed: list[str] = []
         cb = crash_points_callback("iter2/train")
-        for step in (1, 2):
-            state = SimpleNamespace(global_step=step)
-            cb.on_step_end(None, state, None); print(f"step{step}", flush=True)
-            cb.on_save(None, state, None); print(f"saved{step}", flush=True)
-    """
-    root = str(Path(__file__).parents[2])
-    p = _child(code, SELFALIGN_CRASH_AT="iter2/train/saved2", PYTHONPATH=root)
-    assert p.returncode == -signal.SIGKILL and p.stdout.split() == ["step1", "saved1", "step2"]
-    p = _child(code, SELFALIGN_CRASH_AT="iter2/train/step1", PYTHONPATH=root)
-    assert p.returncode == -signal.SIGKILL and p.stdout == ""
+        with pytest.raises(_Killed):
+            for step in (1, 2):
+                state = SimpleNamespace(global_step=step)
+                cb.on_step_end(None, state, None)
+                passed.append(f"step{step}")
+                cb.on_save(None, state, None)
+                passed.append(f"saved{step}")
+        return passed
+
+    monkeypatch.delenv("SELFALIGN_RUN_PID", raising=False)
+    monkeypatch.delenv("SELFALIGN_CRASH_SIGNAL", raising=False)
+    monkeypatch.setattr(faults.os, "kill", kill)
+    assert run_until_killed("iter2/train/saved2") == ["step1", "saved1", "step2"]
+    assert run_until_killed("iter2/train/step1") == []
 
 
 # --------------------------------------------------------------------------- training resume
@@ -370,20 +388,21 @@ def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(tmp_pa
     want = weights("ref")
     assert any(not torch.equal(want[k], weights("iter1")[k]) for k in want)  # it did train
 
-    # Killed after the last checkpoint, before the adapter was committed: 0 steps left.
-    train_dpo(spec("killed", init))
-    shutil.rmtree(tmp_path / "killed" / "out")
-    metrics = train_dpo(spec("killed", init))
+    # Killed after the last checkpoint, before the adapter was committed: 0 steps left. The
+    # uninterrupted run is exactly such a run once its adapter is gone (its checkpoints stay until
+    # the stage commits), so it is reused instead of training the same job a third time.
+    shutil.rmtree(tmp_path / "ref" / "out")
+    metrics = train_dpo(spec("ref", init))
     assert metrics["resumed_from"].endswith("checkpoint-3")
-    got = weights("killed")
+    got = weights("ref")
     assert all(torch.equal(got[k], want[k]) for k in want)
 
     # Killed after checkpoint-2: one step left.
-    shutil.rmtree(tmp_path / "killed" / "ck" / "checkpoint-3")
-    shutil.rmtree(tmp_path / "killed" / "out")
-    metrics = train_dpo(spec("killed", init))
+    shutil.rmtree(tmp_path / "ref" / "ck" / "checkpoint-3")
+    shutil.rmtree(tmp_path / "ref" / "out")
+    metrics = train_dpo(spec("ref", init))
     assert metrics["resumed_from"].endswith("checkpoint-2")
-    got = weights("killed")
+    got = weights("ref")
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
