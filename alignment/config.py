@@ -21,7 +21,7 @@ class RecipeError(ValueError):
     """A user mistake in a recipe or an override; the message is shown as-is (exit code 2)."""
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -64,7 +64,7 @@ def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-class SelfInstructConfig(_Model):
+class SelfInstructConfig(StrictModel):
     """Self-instruction creation: the model writes new prompts from few-shot seed examples."""
 
     enabled: bool = False
@@ -77,7 +77,7 @@ class SelfInstructConfig(_Model):
     max_tokens: int = Field(64, ge=1)
 
 
-class PromptsConfig(_Model):
+class PromptsConfig(StrictModel):
     source: str = Field(..., description="JSONL/CSV/parquet file (relative to the recipe) or an HF dataset id")
     field: str = Field("prompt", description="column holding the prompt text")
     split: str = Field("train", description="split, for HF dataset ids")
@@ -85,14 +85,14 @@ class PromptsConfig(_Model):
     self_instruct: SelfInstructConfig = SelfInstructConfig()
 
 
-class SamplingConfig(_Model):
+class SamplingConfig(StrictModel):
     n: int = Field(4, ge=1, description="samples per prompt")
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
 
 
-class JudgeConfig(_Model):
+class JudgeConfig(StrictModel):
     """LLM-as-a-Judge with the additive 5-point prompt (prompts/judge.jinja).
 
     mode: ``free`` parses the judge's own last ``Score:`` line (the paper; small models
@@ -116,18 +116,18 @@ class JudgeConfig(_Model):
                                      "digit_masses. 0 = only zero mass fails")
 
 
-class PairsConfig(_Model):
+class PairsConfig(StrictModel):
     rho: float = Field(0.0, ge=0, lt=1, description="length-control strength; 0 = plain max/min")
 
 
-class LoraConfig(_Model):
+class LoraConfig(StrictModel):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-class TrainConfig(_Model):
+class TrainConfig(StrictModel):
     beta: float = Field(0.1, gt=0, description="DPO beta (paper: 0.1)")
     learning_rate: float = Field(5e-5, gt=0, description="LoRA learning rate (the paper's 1e-6 is for full fine-tuning)")
     epochs: float = Field(1.0, gt=0)
@@ -147,7 +147,7 @@ class TrainConfig(_Model):
     lora: LoraConfig = LoraConfig()
 
 
-class EngineConfig(_Model):
+class EngineConfig(StrictModel):
     backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="auto = vLLM wherever it imports, else transformers"
     )
@@ -167,7 +167,7 @@ class EngineConfig(_Model):
     )
 
 
-class ReviewConfig(_Model):
+class ReviewConfig(StrictModel):
     """Human review before training (see README "Reviewing judge data")."""
 
     # The gate only pauses; what is trained on is the reviewed data, hashed as the train stage's input.
@@ -179,7 +179,7 @@ class ReviewConfig(_Model):
                      json_schema_extra=NO_EFFECT)
 
 
-class RecipeBase(_Model):
+class RecipeBase(StrictModel):
     """Fields every algorithm's recipe has. Subclasses add their sections and set ``algorithm``."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="default run dir: runs/<name>")

@@ -20,7 +20,7 @@ from alignment.config import (
     JudgeConfig,
     SamplingConfig,
     SelfRewardingRecipe,
-    _Model,
+    StrictModel,
     register,
 )
 
@@ -35,7 +35,7 @@ class MetaJudgeJudgeConfig(JudgeConfig):
     n: int = Field(11, ge=2, description="N judgments per response (paper: 11); ≥ 2 so there is something to compare")
 
 
-class MetaJudgeConfig(_Model):
+class MetaJudgeConfig(StrictModel):
     """LLM-as-a-Meta-Judge (prompts/meta_judge.jinja): which of two judgments follows the rubric better.
 
     For each prompt the response whose N judgments have the highest score variance is taken and
@@ -87,7 +87,7 @@ class MetaJudgeConfig(_Model):
         return self
 
 
-class MetaPairsConfig(_Model):
+class MetaPairsConfig(StrictModel):
     """Actor pairs with length control (README, Meta-Rewarding): ρ = 0 is plain highest vs lowest mean score.
 
     ``rho``: one value for every iteration, or one per iteration (iteration t uses entry t; the

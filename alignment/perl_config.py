@@ -19,10 +19,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignment.config import NO_EFFECT, EngineConfig, LoraConfig, RecipeBase, _Model, register
+from alignment.config import NO_EFFECT, EngineConfig, LoraConfig, RecipeBase, StrictModel, register
 
 
-class PerlPromptsConfig(_Model):
+class PerlPromptsConfig(StrictModel):
     """Prompts PPO trains on (and, held out, the before/after evaluation runs on)."""
 
     source: str = Field(..., description="JSONL/CSV/parquet file (relative to the recipe) or an HF dataset id")
@@ -32,7 +32,7 @@ class PerlPromptsConfig(_Model):
     heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts kept out of PPO for the before/after eval")
 
 
-class GeneratedPreferencesConfig(_Model):
+class GeneratedPreferencesConfig(StrictModel):
     """Preference pairs from the policy's own samples, ranked by a scoring function (no human data).
 
     For each training prompt, ``n`` responses are sampled from the initial policy and scored with
@@ -50,7 +50,7 @@ class GeneratedPreferencesConfig(_Model):
     pairs_per_prompt: int = Field(1, ge=1, description="best vs worst, 2nd best vs 2nd worst, ... (at most n // 2)")
 
 
-class PreferenceDataConfig(_Model):
+class PreferenceDataConfig(StrictModel):
     """Where the reward model's preference pairs come from: exactly one of ``source`` / ``generate``.
 
     ``source`` is a preference file in TRL's format (columns prompt/chosen/rejected, strings or
@@ -76,7 +76,7 @@ class PreferenceDataConfig(_Model):
         return self
 
 
-class RewardModelConfig(_Model):
+class RewardModelConfig(StrictModel):
     """LoRA reward model: sequence-classification head (1 output) over the frozen base, Bradley-Terry loss."""
 
     path: str | None = Field(None, description="use an already trained RM adapter dir instead of training one")
@@ -97,7 +97,7 @@ class RewardModelConfig(_Model):
         return self
 
 
-class RewardConfig(_Model):
+class RewardConfig(StrictModel):
     """Where PPO's scalar reward comes from."""
 
     source: Literal["reward_model", "function"] = "reward_model"
@@ -110,7 +110,7 @@ class RewardConfig(_Model):
         return self
 
 
-class PPOConfig(_Model):
+class PPOConfig(StrictModel):
     """PPO on LoRA adapters (TRL ``trl.experimental.ppo``); only policy and value adapters train.
 
     One PPO step = ``batch_size`` prompts (``per_device_train_batch_size * grad_accum``) →
@@ -146,7 +146,7 @@ class PPOConfig(_Model):
         return self
 
 
-class PerlEvalConfig(_Model):
+class PerlEvalConfig(StrictModel):
     """Before/after evaluation on the held-out prompts: generate with the initial policy and with
     the PPO adapter, score both with the reward (RM or function) and, optionally, an external
     ``scorer`` the project did not write (e.g. VADER)."""
@@ -191,7 +191,7 @@ class PerlRecipe(RecipeBase):
         preference rows (missing chosen/rejected), reward functions (import + a probe call
         returning a float), and a given RM adapter's base model."""
         from alignment.data import load_prompts
-        from alignment.perl import check_rm_adapter, load_preferences, load_reward_function
+        from alignment.perl_data import check_rm_adapter, load_preferences, load_reward_function
 
         super().preflight()
         base = _full_model(self.model)

@@ -283,7 +283,7 @@ def train_reward_model(spec: RMSpec) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from alignment.faults import crash_point
-    from alignment.training import _latest_checkpoint, crash_points_callback
+    from alignment.training import latest_checkpoint, crash_points_callback
 
     torch.manual_seed(spec.seed)
     on_gpu = torch.cuda.is_available()
@@ -329,7 +329,7 @@ def train_reward_model(spec: RMSpec) -> dict:
     resume = None
     if spec.output_dir:
         _prepare_checkpoint_dir(spec)
-        resume = _latest_checkpoint(spec.checkpoint_dir)
+        resume = latest_checkpoint(spec.checkpoint_dir)
         if resume:
             print(f"[train] resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -404,7 +404,7 @@ def _function_reward_cls():
         def __init__(self, fn: Callable[[str, str], float], tokenizer, queries: list[list[int]], prompts: list[str],
                      name: str = "reward"):
             super().__init__()
-            from alignment.perl import call_reward
+            from alignment.perl_data import call_reward
 
             self.fn, self.name, self.tokenizer, self.calls = fn, name, tokenizer, 0
             self._call = call_reward
@@ -459,7 +459,7 @@ def train_ppo(spec: PPOSpec) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from alignment.faults import crash_point
-    from alignment.perl import load_reward_function
+    from alignment.perl_data import load_reward_function
 
     torch.manual_seed(spec.seed)
     on_gpu = torch.cuda.is_available()

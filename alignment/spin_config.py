@@ -17,10 +17,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignment.config import EngineConfig, JudgeConfig, LoraConfig, RecipeBase, TrainConfig, _Model, register
+from alignment.config import EngineConfig, JudgeConfig, LoraConfig, RecipeBase, TrainConfig, StrictModel, register
 
 
-class SpinDataConfig(_Model):
+class SpinDataConfig(StrictModel):
     """The SFT dataset: (prompt, answer) columns, or one column of chat messages."""
 
     source: str = Field(..., description="JSONL/JSON/CSV/parquet file (relative to the recipe) or an HF dataset id")
@@ -35,7 +35,7 @@ class SpinDataConfig(_Model):
         0.1, ge=0, lt=1, description="share of prompts kept out of training for the built-in evaluation (0 = none)")
 
 
-class SpinGenerationConfig(_Model):
+class SpinGenerationConfig(StrictModel):
     """How M_t writes y′ (the "rejected" answer). Paper code: T=1.0, top-p 1.0, 256 tokens, one per prompt."""
 
     n: int = Field(1, ge=1, description="y′ per prompt (each gives one pair)")
@@ -74,7 +74,7 @@ class SpinTrainConfig(TrainConfig):
         return float(betas[min(t, len(betas)) - 1])
 
 
-class SpinEvalConfig(_Model):
+class SpinEvalConfig(StrictModel):
     """Built-in evaluation on the held-out prompts after each iteration's training.
 
     Iteration t trains M_{t+1} from M_t; its eval reports the mean log-likelihood of the real
@@ -109,7 +109,7 @@ class SpinRecipe(RecipeBase):
 
     def preflight(self) -> None:
         """Model, then every row of the SFT set: a bad row fails here, before any generation."""
-        from alignment.spin import load_sft
+        from alignment.spin_data import load_sft
 
         super().preflight()
         load_sft(self.data)

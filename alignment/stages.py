@@ -25,7 +25,7 @@ def stage_outcome(store: RunStore, t: int, stage: str, inputs: dict, recipe_hash
         store.log_event("skip", t=t, stage=stage)
         # A kill between the manifest (commit) and the cleanup after it leaves shards/,
         # checkpoints or temp files behind; the stage is complete, so they go now.
-        store._cleanup_stage(store.stage_dir(t, stage))
+        store.cleanup_stage(store.stage_dir(t, stage))
         return store.output_hash(t, stage)
     if reason != "not started" and not reason.startswith("partial"):
         # Corrupted/missing output, or changed inputs: say so, in the log and in events.jsonl.

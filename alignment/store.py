@@ -757,7 +757,7 @@ class RunStore:
         return True, ""
 
     # ------------------------------------------------------------------ cleanup
-    def _cleanup_stage(self, d: Path, *, keep: Iterable[str] = ()) -> None:
+    def cleanup_stage(self, d: Path, *, keep: Iterable[str] = ()) -> None:
         """Remove shards/, scratch dirs and leftover temp files/dirs of a committed stage."""
         keep = set(keep)
         if not d.is_dir():
@@ -788,7 +788,7 @@ class RunStore:
             raise _store_error("read", data, e) from e
         out = self._write_manifest(t, stage, outputs={DATA_FILE: digest}, inputs=inputs,
                                    recipe_hash=recipe_hash, rows=len(rows), info=info)
-        self._cleanup_stage(d)
+        self.cleanup_stage(d)
         return out
 
     def read_rows(self, t: int, stage: str) -> list[dict]:
@@ -953,7 +953,7 @@ class RunStore:
             raise
         out = self._write_manifest(t, stage, outputs=outputs, inputs=inputs, recipe_hash=recipe_hash,
                                    rows=None, info=info)
-        self._cleanup_stage(d, keep=[subdir])
+        self.cleanup_stage(d, keep=[subdir])
         return out
 
     def output_path(self, t: int, stage: str, subdir: str = "adapter") -> Path:

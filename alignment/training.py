@@ -140,7 +140,7 @@ def file_hash(path: str | Path | None) -> str | None:
     return sha256_file(path) if path and Path(path).is_file() else None
 
 
-def _latest_checkpoint(checkpoint_dir: str) -> str | None:
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
     ckpts = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     ckpts = sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
     ckpts = [c for c in ckpts if _complete_checkpoint(c)]
@@ -300,7 +300,7 @@ def train_dpo(spec: DPOSpec) -> dict:
         raise ValueError(f"every training row has a prompt of >= max_length {spec.max_length} tokens; "
                          "raise train.max_length")
     _prepare_checkpoint_dir(spec)
-    resume = _latest_checkpoint(spec.checkpoint_dir)
+    resume = latest_checkpoint(spec.checkpoint_dir)
     if resume:
         print(f"[train] resuming from {resume}", flush=True)
         _restore_trained_adapter(trainer.model, resume)

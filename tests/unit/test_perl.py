@@ -13,11 +13,11 @@ import yaml
 from alignment.config import RecipeError, load_recipe, parse_recipe
 from alignment.data import DataError
 from alignment.models import ModelError
-from alignment.perl import (
+from alignment.perl import eval_summary
+from alignment.perl_data import (
     RewardFunctionError,
     call_reward,
     check_rm_adapter,
-    eval_summary,
     load_reward_function,
     pairs_from_run,
     pairs_from_scores,

@@ -9,7 +9,8 @@ import yaml
 
 from alignment.config import RecipeError, apply_overrides, load_recipe, parse_recipe
 from alignment.data import DataError
-from alignment.spin import build_spin_pairs, eval_summary, load_sft, mix_previous, outcome, spin_loss, split_heldout
+from alignment.spin import build_spin_pairs, eval_summary, mix_previous, outcome, spin_loss, split_heldout
+from alignment.spin_data import load_sft
 from alignment.spin_config import SpinDataConfig
 from alignment.store import RunStore
 

@@ -300,15 +300,15 @@ def _ckpt(d: Path, step: int, *, state=True, weights=True, rng=True, torn=False)
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
-    from alignment.training import _latest_checkpoint
+    from alignment.training import latest_checkpoint
 
-    assert _latest_checkpoint(str(tmp_path / "none")) is None
+    assert latest_checkpoint(str(tmp_path / "none")) is None
     _ckpt(tmp_path, 2)
     _ckpt(tmp_path, 10)
     _ckpt(tmp_path, 12, torn=True)  # killed while writing trainer_state.json
     _ckpt(tmp_path, 14, state=False)  # killed before it
     _ckpt(tmp_path, 16, rng=False)
-    assert _latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric, not lexical
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric, not lexical
 
 
 def test_checkpoints_of_another_training_job_are_discarded(tmp_path):
