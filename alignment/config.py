@@ -239,7 +239,7 @@ def register(recipe_cls: type[RecipeBase]) -> type[RecipeBase]:
     return recipe_cls
 
 
-def _load_algorithms() -> None:
+def load_algorithms() -> None:
     # Recipe models of the other algorithms live next to their logic; importing registers them.
     import importlib
 
@@ -285,7 +285,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> RecipeBase:
-    _load_algorithms()
+    load_algorithms()
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping")
     algorithm = data.get("algorithm")

@@ -18,7 +18,12 @@ from pathlib import Path
 import jinja2
 from jinja2 import meta
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# In a checkout (and an editable install) the templates are the repository's ``prompts/``; a wheel
+# carries the same files as the package data ``alignment/prompt_templates/`` (pyproject.toml maps
+# that package to ``prompts/``).
+PACKAGED_DIR = Path(__file__).resolve().parent / "prompt_templates"
+CHECKOUT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = PACKAGED_DIR if PACKAGED_DIR.is_dir() else CHECKOUT_DIR
 _VARS_RE = re.compile(r"\{#\s*vars:\s*([^#]*)#\}")
 
 _env = jinja2.Environment(

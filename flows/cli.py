@@ -96,25 +96,25 @@ def run_console(root: Path, *, verbose: bool = False):
         (logs / "vllm-logging.json").write_text(json.dumps(vllm_logging_config(logs / "vllm.log"), indent=1))
     os.environ.update(env)
     _quiet_prefect_defaults()
-    from prefect.logging.configuration import ensure_logging_setup
-
-    ensure_logging_setup()  # Prefect's handlers exist (with the settings above) before ours are added
-    file_handler = logging.FileHandler(logs / "run.log", encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
     root_logger = logging.getLogger()
-    root_logger.addHandler(file_handler)
-    logging.captureWarnings(True)  # warnings are records of "py.warnings": to run.log
-    handlers = [file_handler]
+    handlers: list[logging.Handler] = []
     try:
         with contextlib.ExitStack() as stack:
             if verbose:
                 console = con.Console(sys.stderr, tty=False)
-            else:
+            else:  # before Prefect's import: its telemetry notice is output too
                 console = con.Console(stack.enter_context(con.output_to(logs / "output.log")))
+            from prefect.logging.configuration import ensure_logging_setup
+
+            ensure_logging_setup()  # Prefect's handlers exist (with the settings above) before ours are added
+            handlers.append(logging.FileHandler(logs / "run.log", encoding="utf-8"))
+            handlers[0].setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+            if not verbose:  # with -v Prefect's console handler shows the stage lines already
                 project = Path(__file__).resolve().parent.parent
-                stage_lines = con.StageLineHandler(console, sources=[project / "alignment", project / "flows"])
-                root_logger.addHandler(stage_lines)
-                handlers.append(stage_lines)
+                handlers.append(con.StageLineHandler(console, sources=[project / "alignment", project / "flows"]))
+            for handler in handlers:
+                root_logger.addHandler(handler)
+            logging.captureWarnings(True)  # warnings are records of "py.warnings": to run.log
             stack.enter_context(con.use(console))
             console.say(f"selfalign: engine and library logs: {logs}/" + ("" if verbose else " (-v shows them here)"))
             yield console
@@ -281,12 +281,12 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from alignment.config import RECIPES, _load_algorithms
+    from alignment.config import RECIPES, load_algorithms
     from alignment.store import RunStore, StoreError
 
     try:
         store = RunStore.open(args.run_dir)
-        _load_algorithms()
+        load_algorithms()
         recipe_cls = RECIPES.get(store.run_info().get("algorithm"))
         rows = store.status(stages=recipe_cls.STAGES if recipe_cls else None)
     except StoreError as err:
