@@ -8,9 +8,9 @@ import pytest
 
 from alignment import prompts
 from alignment.meta_judge import (
+    DEFAULT_PRIOR,
     battle_plan,
     battle_scores,
-    build_judge_pairs,
     fit_bradley_terry,
     judge_pair,
     make_battle,
@@ -356,68 +356,43 @@ def test_judge_pair_ties_go_to_lowest_index():
     assert (pair["chosen_index"], pair["rejected_index"]) == (1, 0)
 
 
-# ---------------------------------------------------------------- build_judge_pairs
+# ------------------------------------------------ judge pairs: battles -> Elo table -> pairs
 
 
-def test_build_judge_pairs():
+def test_judge_pairs_from_battles_through_the_elo_table():
+    """The production path (meta_rewarding.rate_items, then build_judge_pair_rows), on hand-made
+    battles: the best-rated judgment is chosen, the worst rejected, a failed battle is no evidence,
+    equal ratings give no pair, a length cap promotes the next-worst."""
+    from alignment.meta_rewarding import battle_stats, build_judge_pair_rows, rate_items
+
     plan = battle_plan([0, 1, 2])
     verdicts = {(0, 1): "A", (1, 0): "B", (0, 2): "A", (2, 0): "B", (1, 2): "A", (2, 1): None}
     items = [
-        {
-            "prompt_id": "p1",
-            "judge_prompt": "JUDGE PROMPT 1",
-            "judgments": ["good judgment", "meh judgment", "bad judgment", "failed"],
-            "scores": [4.0, 2.0, 1.0, None],
-            "lengths": [30, 40, 50, 5],
-            "battles": [B(a, b, verdicts[a, b]) for a, b in plan],
-        },
-        {  # all judgments agreed: no meta response
-            "prompt_id": "p2",
-            "judge_prompt": None,
-            "judgments": [],
-            "scores": [],
-            "lengths": [],
-            "battles": [],
-        },
-        {  # precomputed equal ratings: no pair
-            "prompt_id": "p3",
-            "judge_prompt": "JUDGE PROMPT 3",
-            "judgments": ["x", "y"],
-            "scores": [3.0, 5.0],
-            "lengths": [1, 1],
-            "battles": [B(0, 1, "A"), B(1, 0, "A")],
-            "ratings": [1000.0, 1000.0],
-        },
+        {"prompt_id": "p1", "prompt": "Q1", "response_index": 0, "response": "R1",
+         "judgments": ["good judgment", "meh judgment", "bad judgment", "failed"], "scores": [4.0, 2.0, 1.0, None]},
+        {"prompt_id": "p3", "prompt": "Q3", "response_index": 1, "response": "R3",  # each wins once as A: equal
+         "judgments": ["x", "y"], "scores": [3.0, 5.0]},
     ]
-    rows, stats = build_judge_pairs(items)
+    battles = ([B(a, b, verdicts[a, b]) | {"prompt_id": "p1", "mode": "free"} for a, b in plan]
+               + [B(0, 1, "A") | {"prompt_id": "p3", "mode": "free"}, B(1, 0, "A") | {"prompt_id": "p3", "mode": "free"}])
+    lengths = {("p1", 0): [30, 40, 50, 5], ("p3", 1): [1, 1]}
+
+    def pairs(length_cap):
+        elo = rate_items(items, battles, lengths, prior=DEFAULT_PRIOR, pooled=False, length_cap=length_cap)
+        return build_judge_pair_rows(items, elo, length_cap)
+
+    rows, stats = pairs(None)
     assert len(rows) == 1
     row = rows[0]
-    assert set(row) == {
-        "prompt_id",
-        "prompt",
-        "chosen",
-        "rejected",
-        "chosen_rating",
-        "rejected_rating",
-        "chosen_score",
-        "rejected_score",
-    }
-    assert row["prompt_id"] == "p1" and row["prompt"] == "JUDGE PROMPT 1"
+    assert row["prompt_id"] == "p1" and row["prompt"] == prompts.render("judge", question="Q1", response="R1")
     assert row["chosen"] == "good judgment" and row["chosen_score"] == 4.0
     # 1 and 2: 1 beat 2 as A (omega1); 2's only win would have been the failed battle.
     assert row["rejected"] == "bad judgment" and row["rejected_score"] == 1.0
     assert row["chosen_rating"] > 1000.0 > row["rejected_rating"]
-    assert stats == {
-        "prompts": 3,
-        "judge_pairs": 1,
-        "all_agree": 1,
-        "no_pair": 1,
-        "battles": 8,
-        "failed_battles": 1,
-        "wins_a": 5,
-        "wins_b": 2,
-    }
+    assert (stats["meta_prompts"], stats["judge_pairs"], stats["no_pair"]) == (2, 1, 1)
+    assert {k: battle_stats(battles)[k] for k in ("battles", "failed_battles", "wins_a", "wins_b")} == {
+        "battles": 8, "failed_battles": 1, "wins_a": 5, "wins_b": 2}
 
     # a length cap that drops the worst judgment (length 50) promotes the next-worst
-    rows, _ = build_judge_pairs(items, length_cap=45)
+    rows, _ = pairs(45)
     assert rows[0]["chosen"] == "good judgment" and rows[0]["rejected"] == "meh judgment"
