@@ -158,7 +158,8 @@ class Console:
         """A stage line: the time, " - ", the message."""
         self.say(f"{self.timestamp()} - {message}")
 
-    def progress(self, label: str, *, unit: str = "shard", start_done: int = 0, started: float | None = None) -> Progress:
+    def progress(self, label: str, *, unit: str = "shard", start_done: int = 0,
+                 started: float | None = None) -> Progress:
         """A bar for one stage; ``start_done`` units were done before ``started`` (default: now)."""
         return Progress(self, label, unit, start_done, self.clock() if started is None else started)
 

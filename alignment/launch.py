@@ -122,6 +122,6 @@ def run_subprocess(module: str, job: str, spec, *, spec_path: Path, log=print) -
             proc.kill()
             proc.wait()
     if proc.returncode != 0:
-        raise TrainingError(f"{job} training exited with code {proc.returncode}"
-                            + (f" (full output: {log_path})" if log_path else "") + "; last output:\n" + "\n".join(tail))
+        where = f" (full output: {log_path})" if log_path else ""
+        raise TrainingError(f"{job} training exited with code {proc.returncode}{where}; last output:\n" + "\n".join(tail))
     return json.loads(Path(spec.output_dir, "train_metrics.json").read_text())

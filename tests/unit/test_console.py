@@ -19,7 +19,6 @@ from alignment.console import (
     bar_text,
     duration_text,
     eta_seconds,
-    output_to,
     progress_line,
     rate_text,
 )
