@@ -205,3 +205,25 @@ def test_vllm_logs_go_to_the_file_named_by_its_logging_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "engine says hello" in (tmp_path / "vllm.log").read_text()
     assert "engine says hello" not in proc.stdout + proc.stderr and "still here" in proc.stderr
+
+
+def test_trainer_output_goes_whole_to_its_log_and_a_failure_names_it(tmp_path, monkeypatch):
+    """Only the ``[train]`` lines reach the stage log; everything the trainer writes (stderr too)
+    is in RUN/logs/iter_1-train-dpo.log, which the error names."""
+    from alignment.launch import TrainingError, run_dpo
+    from alignment.training import DPOSpec
+
+    (tmp_path / "run.json").write_text("{}")
+    ckpt = tmp_path / "iter_1" / "train" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    fake = tmp_path / "fake_trainer.py"
+    fake.write_text("import sys\nprint('loading weights', flush=True)\nprint('[train] step 1/2 loss 0.69', flush=True)\n"
+                    "print('Traceback: boom', file=sys.stderr)\nsys.exit(3)\n")
+    monkeypatch.setenv("SELFALIGN_TRAIN_LAUNCHER", f"{sys.executable} {fake}")
+    spec = DPOSpec(base="m", data="d", output_dir=str(tmp_path), checkpoint_dir=str(ckpt / "trainer"))
+    lines: list[str] = []
+    with pytest.raises(TrainingError, match="exited with code 3 .full output: .*iter_1-train-dpo.log"):
+        run_dpo(spec, launcher="subprocess", spec_path=ckpt / "spec.json", log=lines.append)
+    log = (tmp_path / "logs" / "iter_1-train-dpo.log").read_text()
+    assert "loading weights" in log and "Traceback: boom" in log and "[train] step 1/2 loss 0.69" in log
+    assert "step 1/2 loss 0.69" in lines and not any("loading weights" in line for line in lines)
