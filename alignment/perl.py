@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from alignment.data import DataError, load_prompts
+from alignment.evaluation import bootstrap_ci
 from alignment.generation import Sampling, derive_seed
 from alignment.iterative import IterativeRun
 from alignment.config import result_dump
@@ -352,7 +353,7 @@ def eval_summary(rows: Sequence[dict], *, resamples: int = 2000) -> dict:
         diffs = _paired_diffs(rows, key)
         out[f"{key}_prompts_better"] = sum(d > 0 for d in diffs) if diffs else None
         out[f"{key}_prompts_worse"] = sum(d < 0 for d in diffs) if diffs else None
-        out[f"{key}_gain_ci95"] = _bootstrap_ci(diffs, resamples) if len(diffs) >= 2 else None
+        out[f"{key}_gain_ci95"] = bootstrap_ci(diffs, resamples, seed=0)
     for policy in ("before", "after"):
         out[f"length_{policy}"] = mean([r["length"] for r in rows if r["policy"] == policy])
     return out
@@ -367,14 +368,6 @@ def _paired_diffs(rows: Sequence[dict], key: str) -> list[float]:
     ids = sorted({pid for pid, _ in by})
     return [statistics.fmean(by[(pid, "after")]) - statistics.fmean(by[(pid, "before")])
             for pid in ids if (pid, "after") in by and (pid, "before") in by]
-
-
-def _bootstrap_ci(diffs: Sequence[float], resamples: int) -> list[float]:
-    import random
-
-    rng, n = random.Random(0), len(diffs)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(resamples))
-    return [means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]]
 
 
 def _fmt(x: float | None) -> str:
