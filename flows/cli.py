@@ -241,7 +241,9 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str], verbose
             from flows.registry import flow_for
             from flows.temp_server import temporary_server
 
-            with temporary_server():  # dies with this process, even on SIGKILL
+            # The server dies with this process, even on SIGKILL. While it starts, import what the run
+            # imports anyway (the flow, and vLLM unless the recipe asks for transformers).
+            with temporary_server(meanwhile=lambda: warm_imports(parsed)):
                 result = flow_for(parsed.algorithm)(run_dir=str(store.root), recipe_path=recipe, overrides=overrides)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
         from alignment.stages import Terminated, error_message
@@ -266,10 +268,38 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str], verbose
     names = {"run_dir": "run directory"}
     for key, value in result.items():
         print(f"  {(names.get(key, key.replace('_', ' ')) + ':').ljust(14)} {value}")
+    learnt = last_training_line(store)
+    if learnt:
+        print(f"  {'training:':<15}{learnt}")
     print(f"  {'Prefect UI:':<15}{_ui_hint()}")
     if parsed.algorithm in ("self-rewarding", "meta-rewarding"):  # the algorithms with judge data
         print(f"  {'review:':<15}selfalign review {result['run_dir']}")
     return 0
+
+
+def warm_imports(parsed) -> None:
+    """Import the algorithm's flow module and the generation engine's library (vLLM unless the
+    recipe's engine is transformers): seconds of imports the run pays anyway."""
+    from alignment.generation import vllm_available
+    from flows.registry import flow_for
+
+    flow_for(parsed.algorithm)
+    engine = getattr(parsed, "engine", None)
+    if engine is not None and engine.backend in ("auto", "vllm"):
+        vllm_available()
+
+
+def last_training_line(store) -> str | None:
+    """How the last trained iteration's DPO moved on its own pairs (report.learning_line)."""
+    from alignment.report import learning_line
+
+    for t in reversed(store.iterations()):
+        metrics = store.read_json(t, "metrics.json")
+        curve = ((metrics or {}).get("train_metrics") or {}).get("curve") or []
+        line = learning_line(curve)
+        if line:
+            return f"iteration {t}: {line}"
+    return None
 
 
 def cmd_run(args) -> int:

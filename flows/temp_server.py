@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 SERVER_APP = "prefect.server.api.server:create_app"
 
@@ -96,12 +96,16 @@ def stop(proc: subprocess.Popen, timeout: float = 5) -> None:
 
 
 @contextlib.contextmanager
-def temporary_server(timeout: float = 180) -> Iterator[str | None]:
+def temporary_server(timeout: float = 180, meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
     """Yield the API URL of a temporary server living as long as this process (None, and start
-    nothing, when ``PREFECT_API_URL`` is configured)."""
+    nothing, when ``PREFECT_API_URL`` is configured). ``meanwhile`` runs while the server starts
+    (its imports and migrations take seconds of one core): work the run needs anyway, such as
+    imports, overlaps with it instead of following it."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if PREFECT_API_URL.value():
+        if meanwhile:
+            meanwhile()
         yield None
         return
     port = _free_port()
@@ -112,6 +116,8 @@ def temporary_server(timeout: float = 180) -> Iterator[str | None]:
                             stdin=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/api"
+        if meanwhile:
+            meanwhile()
         _wait_healthy(proc, url, timeout)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
