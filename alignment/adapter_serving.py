@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from alignment.generation import Completion, Conversation, EngineSpec, Generator, Sampling, open_generator
+from alignment.generation import (Completion, Conversation, EngineSpec, Generator, Sampling, choose_backend,
+                                  open_generator)
 
 
 def serving_mode(requested: str, backend: str, on_gpu: bool) -> str:
@@ -55,7 +56,8 @@ class MergedAdapters:
             return self._engine
         self.close()
         base = self.spec.base if adapter is None else self.merged_dir(adapter)
-        self.log(f"starting {self.spec.backend} engine on {base} ({'base' if adapter is None else 'adapter merged'})")
+        self.log(f"starting {choose_backend(self.spec.backend)} engine on {base} "
+                 f"({'base' if adapter is None else 'adapter merged'})")
         self._engine = self.open_engine(replace(self.spec, base=base, enable_lora=False))
         self._serving = adapter
         self.log(f"engine ready ({self._engine.backend})")

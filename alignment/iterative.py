@@ -132,7 +132,7 @@ class IterativeRun:
             if merged:  # the engine starts on first use, on the checkpoint of the adapter asked for
                 self._generator = MergedAdapters(spec, self.merged_dir, open_engine=self.open_engine, log=self.log)
             else:
-                self.log(f"starting {e.backend} engine for {self.base.base}")
+                self.log(f"starting {choose_backend(e.backend)} engine for {self.base.base} (adapters per request)")
                 self._generator = self.open_engine(spec)
                 self.log(f"engine ready ({self._generator.backend})")
         return self._generator
