@@ -375,6 +375,21 @@ def cmd_review(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from alignment.export import ExportError, export_model
+    from alignment.models import ModelError
+    from alignment.store import RunStore, StoreError
+
+    try:
+        store = RunStore.open(args.run_dir)
+        t, out = export_model(store, args.merged or args.adapter, iteration=args.iteration, merged=bool(args.merged))
+    except (ExportError, StoreError, ModelError) as err:
+        return _fail(str(err))
+    what = "base + adapter merged (a full model)" if args.merged else "the adapter (PEFT)"
+    print(f"selfalign: exported iteration {t}'s model (M_{t + 1}), {what}, to {out}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve the flows as Prefect deployments, so runs can be triggered from the UI."""
     _quiet_prefect_defaults()
@@ -420,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("export", help="write a run's trained model: the adapter, or merged into a standalone model")
+    p.add_argument("run_dir")
+    p.add_argument("--iteration", type=int, default=None, help="the iteration whose trained model (default: the last)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--merged", metavar="OUT", help="a new directory for base + adapter merged (PEFT "
+                       "merge_and_unload): loads in transformers / vLLM as-is")
+    where.add_argument("--adapter", metavar="OUT", help="a new directory for the adapter as trained (PEFT)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve the flows as Prefect deployments (trigger runs from the UI)")
     p.add_argument("--name", default="selfalign")
