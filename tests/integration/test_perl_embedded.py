@@ -14,7 +14,8 @@ pytestmark = pytest.mark.integration
 # prompts, short answers.
 SHRINK = ["--set", f"reward_model.data.source={REPO / 'data' / 'tiny_preferences.jsonl'}",
           "--set", "prompts.limit=24", "--set", "reward_model.data.limit=12", "--set", "ppo.steps=3",
-          "--set", "ppo.response_length=16", "--set", "eval.max_tokens=16"]
+          "--set", "ppo.response_length=16", "--set", "eval.max_tokens=16",
+          "--set", "engine.adapters=lora"]  # before/after eval on one engine (the SR run covers merged serving)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.integration
 # so 6 DPO pairs in iteration 1 and 12 (mixed) in iteration 2; short answers.
 SHRINK = ["--set", f"data.source={REPO / 'data' / 'tiny_sft.jsonl'}", "--set", "data.limit=8",
           "--set", "data.heldout_fraction=0.25",
-          "--set", "generation.max_tokens=32", "--set", "eval.max_tokens=32", "--set", "eval.judge.max_tokens=24"]
+          "--set", "generation.max_tokens=32", "--set", "eval.max_tokens=32", "--set", "eval.judge.max_tokens=24",
+          # Adapters per request: merged serving restarts the engine for each model of the eval
+          # (M_t, M_{t+1}, the base judge), minutes of starts for seconds of work at this size.
+          # The Self-Rewarding run covers merged serving.
+          "--set", "engine.adapters=lora"]
 
 
 @pytest.fixture(scope="module")
