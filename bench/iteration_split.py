@@ -11,8 +11,10 @@ and splits the wall time from what the run directory records:
 - training:      the DPO job after its imports (model load, tokenization, steps, save:
                  ``job_seconds`` in the adapter's train_metrics.json), of which ``train_seconds``
                  are the optimizer loop;
-- orchestration: everything else (CLI and Prefect server start, trainer process start and imports,
-                 hashing, manifests, events, artifacts, waits).
+- trainer start: the train stage's wall less that job: starting the trainer process and its
+                 imports (torch, transformers, TRL), plus the stage's own writes;
+- orchestration: everything else (Prefect tasks, hashing, manifests, events, artifacts, waits);
+                 the CLI start and the temporary Prefect server's are shown apart, per run.
 
 Prints the table, the orchestration share, iteration-2 / iteration-1 judge time, the demo's wall time,
 and the DPO reward margin / accuracy per step of the last iteration.
@@ -36,6 +38,12 @@ def ts(event: dict) -> float:
     return datetime.fromisoformat(event["time"]).timestamp()
 
 
+def stage_window(events: list[dict], t: int, stage: str) -> float | None:
+    """Seconds from a stage's start event to its done event in iteration t (None if either is missing)."""
+    marks = [ts(e) for e in events if e.get("iteration") == t and e.get("stage") == stage and e["event"] in ("start", "done")]
+    return max(marks) - min(marks) if len(marks) >= 2 else None
+
+
 def split(events: list[dict], run_dir: Path, wall: float, started: float) -> tuple[list[dict], dict]:
     """Per iteration: window (first stage start .. train done), model, engine, merge, training, orchestration."""
     rows = []
@@ -54,12 +62,18 @@ def split(events: list[dict], run_dir: Path, wall: float, started: float) -> tup
         shards = sum(e["seconds"] for e in inside if e["event"] == "shard_done")
         metrics_file = run_dir / f"iter_{t}" / "train" / "adapter" / "train_metrics.json"
         tm = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        judge = [ts(e) for e in events if e.get("iteration") == t and e.get("stage") == "judge" and e["event"] in ("start", "done")]
+        judge = stage_window(events, t, "judge")
+        train = stage_window(events, t, "train")
+        job = tm.get("job_seconds", 0.0)
         rows.append({"t": t, "window": hi - lo, "model": shards - engine - merge, "engine": engine, "merge": merge,
-                     "training": tm.get("job_seconds", 0.0), "steps": tm.get("train_seconds", 0.0),
-                     "judge": (max(judge) - min(judge)) if len(judge) == 2 else None, "curve": tm.get("curve", [])})
+                     "training": job, "steps": tm.get("train_seconds", 0.0),
+                     # the trainer process's start (Python, torch / transformers / TRL imports) and the
+                     # train stage's own I/O: the train stage's wall less the job after its imports
+                     "trainer_start": (train - job) if train is not None else 0.0,
+                     "judge": judge, "curve": tm.get("curve", [])})
     for r in rows:
-        r["orchestration"] = r["window"] - r["model"] - r["engine"] - r["merge"] - r["training"]
+        r["orchestration"] = (r["window"] - r["model"] - r["engine"] - r["merge"] - r["training"]
+                              - r["trainer_start"])
     first = min(bounds[t][0] for t in iterations)
     last = max(bounds[t][1] for t in iterations)
     total = {"wall": wall, "startup": first - started, "after": started + wall - last}
@@ -87,14 +101,18 @@ def main() -> None:
 
     print(f"\n== {Path(args.recipe).name} {' '.join(args.overrides)}: wall {wall:.1f}s "
           f"({wall / 60:.1f} min), {len(rows)} iterations ==")
-    head = f"{'iter':<6}{'wall s':>8}{'model':>8}{'engine':>8}{'merge':>7}{'training':>10}{'(steps)':>9}{'orchestr.':>11}{'share':>8}"
+    head = (f"{'iter':<6}{'wall s':>8}{'model':>8}{'engine':>8}{'merge':>7}{'training':>10}{'(steps)':>9}"
+            f"{'trainer start':>15}{'orchestr.':>11}{'share':>8}")
     print(head)
     for r in rows:
         print(f"{r['t']:<6}{r['window']:>8.1f}{r['model']:>8.1f}{r['engine']:>8.1f}{r['merge']:>7.1f}{r['training']:>10.1f}"
-              f"{r['steps']:>9.1f}{r['orchestration']:>11.1f}{100 * r['orchestration'] / r['window']:>7.1f}%")
+              f"{r['steps']:>9.1f}{r['trainer_start']:>15.1f}{r['orchestration']:>11.1f}"
+              f"{100 * r['orchestration'] / r['window']:>7.1f}%")
     orch = sum(r["orchestration"] for r in rows) + total["startup"] + total["after"]
+    starts = sum(r["trainer_start"] for r in rows)
     print(f"whole run: startup (CLI, Prefect server, recipe checks) {total['startup']:.1f}s, after the last stage "
-          f"{total['after']:.1f}s; orchestration {orch:.1f}s = {100 * orch / wall:.1f}% of the wall time")
+          f"{total['after']:.1f}s; orchestration {orch:.1f}s = {100 * orch / wall:.1f}% of the wall time "
+          f"(with the trainer processes' starts: {100 * (orch + starts) / wall:.1f}%)")
     judges = [r["judge"] for r in rows if r["judge"]]
     if len(judges) >= 2:
         print(f"judge time: iteration 2 / iteration 1 = {judges[1]:.1f}s / {judges[0]:.1f}s = {judges[1] / judges[0]:.2f}")
