@@ -313,6 +313,10 @@ def test_reward_model_then_ppo_on_tiny_model(tmp_path, tiny_model_dir, rewards_f
     assert all(math.isfinite(p["reward"]) and math.isfinite(p["kl"]) for p in out["curve"])
     assert abs(out["curve"][0]["kl"]) < 1e-3  # step 1 samples from the initial policy: KL to it is ~0
     assert (tmp_path / "ppo" / "adapter_model.safetensors").is_file() and (tmp_path / "ppo" / "value").is_dir()
+    # engine.adapters merged (auto on vLLM-CPU) serves the PPO policy from base + policy adapter merged.
+    from alignment.models import merge_adapter
+
+    assert (merge_adapter(str(tiny_model_dir), tmp_path / "ppo", tmp_path / "merged") / "config.json").is_file()
 
     # A reward function in place of the RM: the score it returns is what PPO sees.
     fn = train_ppo(PPOSpec(**common, output_dir=str(tmp_path / "ppof"), checkpoint_dir=str(tmp_path / "ppofck"),
