@@ -337,19 +337,26 @@ def _stage_events(run, since):
 
 
 @pytest.mark.integration
-def test_settings_change_on_resume_redoes_exactly_the_stages_they_affect(tmp_path, recipe, prefect_harness):
-    """A tiny-model run, then `resume --set`: save_steps (cannot change a result) redoes nothing;
-    train.beta redoes train only; the change is in recipe.yaml and events.jsonl and is printed."""
+def cli_on_test_server(*args, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess reporting to the session's Prefect test server (``prefect_harness``
+    must be active); with ``check`` it must succeed."""
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_settings_change_on_resume_redoes_exactly_the_stages_they_affect(tmp_path, recipe, prefect_harness):
+    """A tiny-model run, then `resume --set`: save_steps (cannot change a result) redoes nothing;
+    train.beta redoes train only; the change is in recipe.yaml and events.jsonl and is printed."""
     run = tmp_path / "run"
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        proc = cli_on_test_server(*args)
         return proc.stdout + proc.stderr
 
     cli("run", str(recipe), "--run-dir", str(run))
@@ -374,8 +381,7 @@ def test_settings_change_on_resume_redoes_exactly_the_stages_they_affect(tmp_pat
     # `run` with a changed recipe file on the existing run dir: refused, unless --change-recipe.
     changed = write_recipe(tmp_path / "changed.yaml", load_recipe(recipe)[0].model, tmp_path / "prompts.jsonl",
                            **{"train.beta": 0.2, "train.save_steps": 3})
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(changed), "--run-dir", str(run)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = cli_on_test_server("run", str(changed), "--run-dir", str(run), check=False, timeout=120)
     assert proc.returncode == 2 and "--change-recipe" in proc.stderr
     n = len(RunStore.open(run).events())
     out = cli("run", str(changed), "--run-dir", str(run), "--change-recipe")
@@ -442,17 +448,8 @@ def test_console_shows_stage_lines_and_progress_and_logs_the_rest(tmp_path, reci
     """Not a terminal (a pipe, as in CI): the stage lines, plain progress lines per shard and the
     logs path once; no Prefect engine or library lines. They are in RUN/logs/, with the trainer
     subprocess's whole output. ``resume -v`` shows everything (Prefect's own lines included)."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     run = tmp_path / "run"
-
-    def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc
+    cli = cli_on_test_server
 
     proc = cli("run", str(recipe), "--run-dir", str(run), "--set", "train.launcher=subprocess")
     out = proc.stdout + proc.stderr
