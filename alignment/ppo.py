@@ -321,7 +321,7 @@ def ppo_update(policy: Callable[[torch.Tensor], torch.Tensor], value_fn: Callabl
     with torch.no_grad():
         per_step = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
         stats = {k: float(v.mean()) for k, v in per_step.items()}
-        stats["ratio_var"] = float(per_step["ratio"].var())
+        stats["ratio_var"] = float(per_step["ratio"].var()) if len(steps) > 1 else float("nan")
         scores = rollouts.scores
         non_score = float(adv.non_score_reward.sum(1).mean())
         stats |= {"reward": float(scores.mean()), "kl": float(adv.kl.sum(1).mean()), "non_score_reward": non_score,
