@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alignment.eval_config import EvalConfig, check_eval
 from alignment.models import DEFAULT_MODEL
 
 
@@ -210,6 +211,7 @@ class SelfRewardingRecipe(RecipeBase):
     judge: JudgeConfig = JudgeConfig()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     STAGES: ClassVar[list[str]] = ["prompts", "generate", "judge", "pairs", "train"]
 
@@ -218,7 +220,7 @@ class SelfRewardingRecipe(RecipeBase):
 
         super().preflight()
         p = self.prompts
-        load_prompts(p.source, field=p.field, split=p.split, limit=p.limit)
+        check_eval(self.eval, load_prompts(p.source, field=p.field, split=p.split, limit=p.limit))
 
     @model_validator(mode="after")
     def _check(self) -> "SelfRewardingRecipe":
@@ -324,7 +326,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeBase
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     data = apply_overrides(data, list(overrides))
     # Dataset and model paths in a recipe are relative to the recipe file.
-    for dotted in ("prompts.source", "data.source", "reward_model.data.source", "reward_model.path"):
+    for dotted in ("prompts.source", "data.source", "reward_model.data.source", "reward_model.path",
+                   "eval.prompts", "eval.reference"):
         *parents, leaf = dotted.split(".")
         node = data
         for part in parents:
