@@ -23,7 +23,11 @@ from alignment.generation import (Completion, Conversation, EngineSpec, Generato
 
 
 def serving_mode(requested: str, backend: str, on_gpu: bool) -> str:
-    """``requested`` unless it is ``auto``: then ``merged`` for the vllm backend on CPU, else ``lora``."""
+    """``lora`` for the openai backend (the servers load adapters at run time; the recipe refuses
+    ``merged`` there); otherwise ``requested`` unless it is ``auto``: then ``merged`` for the vllm
+    backend on CPU, else ``lora``."""
+    if backend == "openai":
+        return "lora"
     if requested != "auto":
         return requested
     return "merged" if backend == "vllm" and not on_gpu else "lora"

@@ -149,8 +149,9 @@ class TrainConfig(StrictModel):
 
 
 class EngineConfig(StrictModel):
-    backend: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="auto = vLLM wherever it imports, else transformers"
+    backend: Literal["auto", "vllm", "transformers", "openai"] = Field(
+        "auto", description="auto = vLLM wherever it imports, else transformers; openai = OpenAI-compatible "
+        "servers at base_url (e.g. `selfalign serve-model`)"
     )
     dtype: str = "auto"
     max_model_len: int = Field(2048, ge=64)
@@ -166,6 +167,36 @@ class EngineConfig(StrictModel):
     cpu_threads: int | None = Field(
         None, ge=1, description="CPU: model threads (None = every core the process may use)", json_schema_extra=NO_EFFECT,
     )
+    # backend openai. Where the servers are, how long to wait for them and how many requests each
+    # gets at once change no result: they must serve the recipe's model, and every request carries its
+    # own seed, so which server answers it does not decide its text.
+    base_url: str | list[str] | None = Field(
+        None, description="backend openai: base URL(s) of OpenAI-compatible servers of the recipe's model, e.g. "
+        "http://127.0.0.1:8000/v1; a list spreads the requests over the servers (data parallelism)",
+        json_schema_extra=NO_EFFECT,
+    )
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="backend openai: the name of the environment "
+        "variable holding the API key (the key itself is never stored)", json_schema_extra=NO_EFFECT,
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="backend openai: seconds one request may take",
+                                     json_schema_extra=NO_EFFECT)
+    max_concurrency: int = Field(16, ge=1, description="backend openai: requests in flight per server",
+                                 json_schema_extra=NO_EFFECT)
+
+    @model_validator(mode="after")
+    def _check_servers(self) -> "EngineConfig":
+        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or [])
+        if self.backend == "openai" and not urls:
+            raise ValueError("base_url is required when backend is openai "
+                             "(e.g. http://127.0.0.1:8000/v1, from `selfalign serve-model`)")
+        bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"base_url {bad[0]!r} is not an http(s) URL")
+        if self.backend == "openai" and self.adapters == "merged":
+            raise ValueError("adapters 'merged' needs an in-process engine; backend openai loads "
+                             "adapters into the servers (use lora or auto)")
+        return self
 
 
 class ReviewConfig(StrictModel):

@@ -39,7 +39,7 @@ class EngineSpec:
     """How to build an engine; mirrors the recipe's ``engine`` section."""
 
     base: str
-    backend: str = "auto"  # auto | vllm | transformers
+    backend: str = "auto"  # auto | vllm | transformers | openai
     seed: int = 0
     dtype: str = "auto"
     max_model_len: int = 2048
@@ -51,6 +51,11 @@ class EngineSpec:
     batch_size: int = 16
     cpu_threads: int | None = None  # CPU: threads for the model (None = every core this process may use)
     extra: dict = field(default_factory=dict)
+    # backend openai (alignment.openai_engine): the servers, and how to talk to them
+    base_url: str | Sequence[str] | None = None  # one URL or a list (data parallelism)
+    api_key_env: str | None = None  # name of the environment variable holding the API key
+    request_timeout_s: float = 600.0
+    max_concurrency: int = 16  # requests in flight per server
 
 
 class GenerationError(RuntimeError):
@@ -105,8 +110,17 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+# Backends in a module of their own, which imports this one: (module, class), imported when opened.
+SEPARATE_BACKENDS = {"openai": ("alignment.openai_engine", "OpenAIGenerator")}
+
+
 def open_generator(spec: EngineSpec) -> Generator:
     backend = choose_backend(spec.backend)
+    if backend in SEPARATE_BACKENDS:
+        import importlib
+
+        module, name = SEPARATE_BACKENDS[backend]
+        return getattr(importlib.import_module(module), name)(spec)
     if backend == "vllm":
         return VLLMGenerator(spec)
     return HFGenerator(spec)

@@ -401,6 +401,45 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_serve_model(args) -> int:
+    """Start vLLM's OpenAI-compatible server (``vllm serve``) on a model reference, with runtime LoRA
+    loading on, and print the base URL for a recipe once it answers; runs until stopped (Ctrl-C or
+    SIGTERM, passed on to vLLM)."""
+    import signal
+    import socket
+    import subprocess
+
+    from alignment.generation import has_cuda
+    from alignment.models import ModelError, resolve
+    from alignment.openai_engine import vllm_serve_command, vllm_serve_env, wait_until_serving
+
+    try:
+        model = resolve(args.model)
+    except ModelError as err:
+        return _fail(str(err))
+    on_gpu = has_cuda()
+    cmd = vllm_serve_command(model.base, args.model if model.adapter is None else model.base, host=args.host,
+                             port=args.port, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+                             on_gpu=on_gpu, extra=args.vllm_args)
+    everywhere = args.host in ("0.0.0.0", "::")  # listening on every interface: name this machine
+    url = f"http://{socket.gethostname() if everywhere else args.host}:{args.port}/v1"
+    local = f"http://127.0.0.1:{args.port}/v1" if everywhere else url
+    print(f"selfalign: starting vLLM on {model.base} ({'GPU' if on_gpu else 'CPU'}): {' '.join(cmd[3:])}", flush=True)
+    proc = subprocess.Popen(cmd, env=os.environ | vllm_serve_env(on_gpu, args.cpu_threads))
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        if wait_until_serving(local, proc.poll):
+            print(f"selfalign: serving {args.model} at {url}\n  recipe: engine: {{backend: openai, base_url: {url}}}"
+                  f"\n  or:     --set engine.backend=openai --set engine.base_url={url}", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 VERBOSE_HELP = ("show everything on the terminal (engine, Prefect and library logs); by default they go to "
                 "RUN/logs/ and the terminal shows the stage lines and a progress bar per stage")
 
@@ -445,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--adapter", metavar="OUT", help="a new directory for the adapter as trained (PEFT)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("serve-model", help="start vLLM's OpenAI-compatible server on a model (runtime LoRA loading "
+                       "on) and print the base URL for engine.backend openai",
+                       usage="selfalign serve-model MODEL [options] [-- more vllm serve arguments, e.g. --api-key KEY]")
+    p.add_argument("model", help="smollm2-135m (embedded), a local model/adapter dir, or a hub id")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU: model threads, on the first cores of this process's affinity (pin with taskset -c)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank it can serve (8, 16, 32, 64 ...)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.set_defaults(func=cmd_serve_model, vllm_args=[])
+
     p = sub.add_parser("serve", help="serve the flows as Prefect deployments (trigger runs from the UI)")
     p.add_argument("--name", default="selfalign")
     p.set_defaults(func=cmd_serve)
@@ -452,7 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `serve-model MODEL [options] -- VLLM ARGS`: what follows a lone `--` goes to vLLM untouched
+    # (argparse cannot take a trailing list after a subcommand's options).
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:cut])
+    if cut < len(argv):
+        if args.command != "serve-model":
+            parser.error(f"{args.command} takes no arguments after --")
+        args.vllm_args = argv[cut + 1:]
     return args.func(args)
 
 
