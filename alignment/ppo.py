@@ -86,7 +86,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                 estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) at the sampled tokens, 0 outside the mask
     (http://joschu.net/blog/kl-approx.html; TRL's ``kl_estimator``), with log r = log pi_ref - log pi:
     k1 = -log r = log pi - log pi_ref;  k3 = (r - 1) - log r (>= 0, lower variance)."""
@@ -164,12 +165,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
 
 
 # --------------------------------------------------------------------------------- losses and statistics
+def log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log rho = log pi - log pi_old on the mask, 0 outside it (TRL: both are INVALID_LOGPROB there)."""
+    return torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped surrogate, and the share of tokens where clipping binds:
     rho = exp(log pi - log pi_old) (1 outside the mask);
     L = mean_m max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps));  clipfrac = mean_m [clipped term > unclipped]."""
-    ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs)))
+    ratio = torch.exp(log_ratio(logprobs, old_logprobs, mask))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
@@ -194,8 +200,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1/2 * mean over all B x R positions of (log pi - log pi_old)^2, the log-ratio being 0 outside the
     mask (TRL's ``approxkl``: a plain mean, so padding counts in the denominator)."""
-    diff = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
-    return 0.5 * (diff ** 2).mean()
+    return 0.5 * (log_ratio(logprobs, old_logprobs, mask) ** 2).mean()
 
 
 # --------------------------------------------------------------------------------- the update
@@ -262,7 +267,8 @@ def rollout_advantages(rollouts: Rollouts, config: PPOUpdateConfig) -> Advantage
     values = torch.masked_fill(rollouts.values, ~vmask, 0)
     advantages, returns = gae(rewards, values, config.gamma, config.lam)
     advantages = torch.masked_fill(whiten(advantages, mask), ~mask, 0)
-    return Advantages(kl=kl, non_score_reward=-config.kl_coef * kl, advantages=advantages, returns=returns, values=values)
+    return Advantages(kl=kl, non_score_reward=-config.kl_coef * kl, advantages=advantages, returns=returns,
+                      values=values)
 
 
 def ppo_update(policy: Callable[[torch.Tensor], torch.Tensor], value_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -286,8 +292,9 @@ def ppo_update(policy: Callable[[torch.Tensor], torch.Tensor], value_fn: Callabl
     of the scaled logits over all positions [policy/entropy_avg], ratio = mean rho over all positions
     [val/ratio] and ratio_var = its unbiased variance across steps [val/ratio_var]."""
     batch = rollouts.query_responses.shape[0]
-    if batch % config.num_mini_batches:
-        raise ValueError(f"the batch of {batch} rollouts does not split into {config.num_mini_batches} mini-batches")
+    if config.num_ppo_epochs < 1 or config.num_mini_batches < 1 or batch % config.num_mini_batches:
+        raise ValueError(f"the batch of {batch} rollouts does not split into {config.num_mini_batches} mini-batches "
+                         f"(or num_ppo_epochs {config.num_ppo_epochs} < 1)")
     mini = batch // config.num_mini_batches
     order = permutation or (lambda n: torch.randperm(n).tolist())
     with torch.no_grad():
@@ -306,25 +313,30 @@ def ppo_update(policy: Callable[[torch.Tensor], torch.Tensor], value_fn: Callabl
             values = value_fn(rollouts.query_responses[idx])
             values = values.squeeze(-1) if values.dim() == 3 else values
             values = torch.masked_fill(values[:, -responses.shape[1] - 1:-1], ~vm, 0)
-            pg_loss, pg_clipfrac = policy_loss(logprobs, rollouts.logprobs[idx], adv.advantages[idx], m, config.cliprange)
+            pg_loss, pg_clipfrac = policy_loss(logprobs, rollouts.logprobs[idx], adv.advantages[idx], m,
+                                               config.cliprange)
             vf_loss, vf_clipfrac = value_loss(values, adv.values[idx], adv.returns[idx], vm, config.cliprange_value)
             loss = pg_loss + config.vf_coef * vf_loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             with torch.no_grad():
-                log_ratio = torch.where(m, logprobs - rollouts.logprobs[idx], torch.zeros_like(logprobs))
                 steps.append({"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
                               "approx_kl": approx_kl(logprobs, rollouts.logprobs[idx], m), "clipfrac": pg_clipfrac,
                               "value_clipfrac": vf_clipfrac, "policy_entropy": entropy(logits).mean(),
-                              "ratio": log_ratio.exp().mean()})
+                              "ratio": log_ratio(logprobs, rollouts.logprobs[idx], m).exp().mean()})
     with torch.no_grad():
         per_step = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
         stats = {k: float(v.mean()) for k, v in per_step.items()}
         stats["ratio_var"] = float(per_step["ratio"].var()) if len(steps) > 1 else float("nan")
-        scores = rollouts.scores
-        non_score = float(adv.non_score_reward.sum(1).mean())
-        stats |= {"reward": float(scores.mean()), "kl": float(adv.kl.sum(1).mean()), "non_score_reward": non_score,
-                  "rlhf_reward": non_score + float(scores.mean()),
-                  "entropy": float(torch.where(rollouts.mask, -rollouts.logprobs, torch.zeros_like(rollouts.logprobs)).sum(1).mean())}
-    return stats
+        return stats | rollout_stats(rollouts, adv)
+
+
+def rollout_stats(rollouts: Rollouts, adv: Advantages) -> dict[str, float]:
+    """The batch's objective (see ``ppo_update``): reward = mean s; kl = mean_b sum_t kl;
+    non_score_reward = mean_b sum_t -beta * kl; rlhf_reward = non_score_reward + reward;
+    entropy = mean_b sum_t -m * log pi_old (a sampled-token estimate of the sequence entropy)."""
+    scores, non_score = rollouts.scores, adv.non_score_reward.sum(1).mean()
+    sampled = torch.where(rollouts.mask, -rollouts.logprobs, torch.zeros_like(rollouts.logprobs))
+    return {"reward": float(scores.mean()), "kl": float(adv.kl.sum(1).mean()), "non_score_reward": float(non_score),
+            "rlhf_reward": float(non_score + scores.mean()), "entropy": float(sampled.sum(1).mean())}

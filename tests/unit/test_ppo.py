@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from alignment.ppo import (PPOUpdateConfig, Rollouts, approx_kl, entropy, gae, l
                            masked_var, missing_eos_penalty, model_inputs, per_token_kl, policy_loss, ppo_update,
                            response_logits, response_mask, rollout_advantages, scale_logits, token_logprobs,
                            token_rewards, truncate_after, value_loss, value_mask, whiten)
-from tests.conftest import REPO
 
+REPO = Path(__file__).resolve().parents[2]
 T, F = True, False
 LN2 = math.log(2)
 
