@@ -7,6 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test workers, one per core (tests/conftest.py pins each to its own core); JOBS=0 runs in one process.
+JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
 
 ifeq ($(GPU),1)
   EXTRAS := gpu,test
@@ -44,10 +46,10 @@ browser:
 	  || echo "chromium not installed: the browser test will be skipped"; }
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup -m "not integration" $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start

@@ -8,6 +8,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def worker_core(worker: str | None, cores: set[int]) -> int | None:
+    """The one core an xdist worker ``gw<i>`` runs on: the i-th (mod len) of the cores this
+    process may use, sorted; None outside xdist. Most of the suite runs one Python thread at a
+    time, so two workers on two cores nearly halve its wall time; pinning each worker (and the
+    CLI, trainer and vLLM processes it starts, which inherit the mask) to its own core keeps two
+    engines from binding their OpenMP threads to the same cores."""
+    if not worker or not worker.startswith("gw"):
+        return None
+    ordered = sorted(cores)
+    return ordered[int(worker[2:]) % len(ordered)]
+
+
+# Before torch is imported anywhere in this process: its thread pool is sized from the mask.
+_core = worker_core(os.environ.get("PYTEST_XDIST_WORKER"), os.sched_getaffinity(0))
+if _core is not None:
+    os.sched_setaffinity(0, {_core})
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -16,6 +34,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # pytest's session-wide capture is in place, not inside a test using capsys: that stream is
 # closed after the test and every later flow's log line would fail on it.
 import prefect  # noqa: E402,F401
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` every test file runs on one worker (its module and
+    session fixtures are built once), and the tests reading the shared embedded-model run
+    (``sr_vllm_run``, in two files) run on the same worker."""
+    for item in items:
+        shared = "sr_vllm_run" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("sr_vllm_run" if shared else item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
