@@ -389,15 +389,6 @@ class MetaRewardingRun(SelfRewardingRun):
         data = self.recipe.model_dump(mode="json")
         return hash_obj(parts | {"backend": data["engine"]["backend"], "seed": data["seed"]})
 
-    def _judgment_lengths(self, texts: list[str]) -> list[int]:
-        """Token counts of judgment texts (the judge table keeps texts, not their lengths)."""
-        tokenizer = getattr(self, "_tokenizer", None)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = self._tokenizer = AutoTokenizer.from_pretrained(self.base.base)
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
-
     def _meta_items(self, t: int) -> tuple[list[dict], list[str]]:
         return meta_items(self.store.read_rows(t, "judge"))
 
@@ -481,7 +472,8 @@ class MetaRewardingRun(SelfRewardingRun):
         def compute():
             items, agree = self._meta_items(t)
             battles = self.store.read_rows(t, "meta_judge")
-            lengths = {(i["prompt_id"], i["response_index"]): self._judgment_lengths(i["judgments"]) for i in items}
+            # The judge table keeps judgment texts, not their lengths.
+            lengths = {(i["prompt_id"], i["response_index"]): self.token_lengths(i["judgments"]) for i in items}
             rows = rate_items(items, battles, lengths, prior=m.prior, pooled=m.position_weights == "iteration",
                               length_cap=m.length_cap)
             rated = [r for r in rows if r["rating"] is not None]

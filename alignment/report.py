@@ -44,9 +44,57 @@ def summary_markdown(metrics: dict, *, review_url: str | None = None) -> str:
             lines += [f"Review corrections applied: {len(train['corrections'])}"]
     elif train:
         lines += ["**No pairs: training skipped.**"]
+    if metrics.get("eval"):
+        lines += ["", *eval_markdown(t, metrics["eval"])]
     if review_url:
         lines += ["", f"[Review this iteration]({review_url})"]
     return "\n".join(lines)
+
+
+def _interval(ci) -> str:
+    return "[–]" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def eval_line(info: dict) -> str:
+    """One line of an eval stage's summary (M_{t+1} vs M_t):
+    ``win rate 0.62 [0.40, 0.80], LC 0.58, length 35.2 → 41.0 (5 wins, 2 ties, 1 losses, 0 failed)``."""
+    text = (f"win rate {_fmt(info.get('win_rate'))} {_interval(info.get('win_rate_ci'))}, "
+            f"LC {_fmt(info.get('lc_win_rate'))}, length {_fmt(info.get('mean_length_before'), 1)} → "
+            f"{_fmt(info.get('mean_length_after'), 1)} ({info.get('wins')} wins, {info.get('ties')} ties, "
+            f"{info.get('losses')} losses, {info.get('failed')} failed)")
+    ref = info.get("reference")
+    if ref:
+        text += f"; vs reference {_fmt(ref.get('win_rate'))} {_interval(ref.get('win_rate_ci'))}"
+    return text
+
+
+def last_eval_line(per_iteration: list[dict]) -> str | None:
+    """``iteration t: <eval_line>`` of the last iteration whose ``metrics.json`` has an eval."""
+    for metrics in reversed(per_iteration):
+        if (metrics or {}).get("eval"):
+            return f"iteration {metrics['iteration']}: {eval_line(metrics['eval'])}"
+    return None
+
+
+def eval_markdown(t: int, ev: dict) -> list[str]:
+    """The eval section of an iteration's summary: M_{t+1} against M_t, and the reference."""
+    ref = ev.get("reference") or {}
+    lines = [f"## Eval: M_{t + 1} vs M_{t} on {ev.get('prompts')} held-out prompts (fixed judge)", "",
+             "| | win rate | 95% interval | LC win rate | wins | ties | losses | failed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, h in ((f"M_{t + 1} vs M_{t}", ev), (f"M_{t + 1} vs reference", ref)):
+        if h:
+            lines.append(f"| {name} | {_fmt(h.get('win_rate'))} | {_interval(h.get('win_rate_ci'))} "
+                         f"| {_fmt(h.get('lc_win_rate'))} | {h.get('wins')} | {h.get('ties')} | {h.get('losses')} "
+                         f"| {h.get('failed')} |")
+    lines += ["", f"| | M_{t} | M_{t + 1} |" + (" reference |" if ref else ""), "|---|---|---|" + ("---|" if ref else ""),
+              f"| mean answer length (tokens) | {_fmt(ev.get('mean_length_before'), 1)} "
+              f"| {_fmt(ev.get('mean_length_after'), 1)} |" + (f" {_fmt(ref.get('mean_length_reference'), 1)} |" if ref else ""),
+              f"| mean pointwise score (fixed judge) | {_fmt(ev.get('mean_score_before'))} "
+              f"| {_fmt(ev.get('mean_score_after'))} |" + (" – |" if ref else "")]
+    if ev.get("identical"):
+        lines += ["", f"{ev['identical']} prompts got the same answer from both models (ties, not judged)."]
+    return lines
 
 
 def judge_table(rows: list[dict], limit: int = 200, text_chars: int = 300) -> list[dict]:

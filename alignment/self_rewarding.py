@@ -1,7 +1,8 @@
 """One Self-Rewarding iteration (Yuan et al., 2024), stage by stage, against a run directory.
 
     M_t generates prompts (optional self-instruct) → K responses per prompt → judges each J
-    times → pairs (highest vs lowest mean) → DPO with LoRA → M_{t+1}.
+    times → pairs (highest vs lowest mean) → DPO with LoRA → M_{t+1}
+    → (with ``eval`` on) M_{t+1} against M_t on held-out prompts, by a fixed judge.
 
 Each method is one stage: it skips if the run directory already holds its current output,
 otherwise computes it with the pure functions of ``actor``, ``judge`` and ``pairs`` and commits
@@ -19,14 +20,18 @@ from alignment import corrections
 from alignment.actor import generate_responses, self_instruct
 from alignment.config import SelfRewardingRecipe
 from alignment.data import load_prompts
+from alignment.eval_config import load_reference
 from alignment.faults import crash_point
 from alignment.generation import Sampling, derive_seed
+from alignment.head_to_head import PairwiseSettings, compare, mean_or_none, outcome_label, summarize
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.launch import run_dpo
 from alignment.iterative import IterativeRun
 from alignment.pairs import build_pairs, tie_rate
+from alignment.report import eval_line
+from alignment.spin import split_heldout
 from alignment.stages import error_message, run_sharded, run_table_stage, shard_key, stage_outcome
-from alignment.store import sha256_file
+from alignment.store import hash_obj, sha256_file
 from alignment.training import DPOSpec, trained_rows_info, truncation_warnings
 
 STAGES = ["prompts", "generate", "judge", "pairs", "train"]
@@ -36,17 +41,67 @@ STAGES = ["prompts", "generate", "judge", "pairs", "train"]
 class SelfRewardingRun(IterativeRun):
     recipe: SelfRewardingRecipe
 
-    # ---- stages ------------------------------------------------------------------------
-    def prompts(self, t: int) -> str:
-        cfg = self.recipe.prompts
+    def needs_lora(self) -> bool:
+        """Also when the eval stage serves the adapter trained in the same iteration."""
+        return super().needs_lora() or self.recipe.eval.enabled
+
+    # ---- held-out prompts ----------------------------------------------------------------
+    def eval_file_prompts(self) -> list[dict]:
+        """The prompts of ``eval.prompts`` (ids as the prompts stage's), or none."""
+        ev = self.recipe.eval
+        return load_prompts(ev.prompts, field=ev.field) if ev.prompts else []
+
+    def split_prompts(self, seeds: list[dict]) -> tuple[list[dict], list[dict]]:
+        """(training, held-out) seed prompts: a seed prompt that is also in ``eval.prompts`` is
+        never trained on; of the others, ``eval.heldout_fraction`` is held out by the hash of
+        (seed, prompt id) (``alignment.spin.split_heldout``: a prompt keeps its side when rows are
+        added or reordered)."""
+        in_file = {r["prompt_id"] for r in self.eval_file_prompts()}
+        rest = [r for r in seeds if r["prompt_id"] not in in_file]
+        return split_heldout(rest, self.recipe.eval.heldout_fraction, self.recipe.seed)
+
+    def eval_prompts(self) -> list[dict]:
+        """What the eval stage compares on: the ``eval.prompts`` file's prompts, then the held-out
+        seed prompts not already among them; the first ``eval.max_prompts``."""
+        cfg, ev = self.recipe.prompts, self.recipe.eval
+        _, held = self.split_prompts(load_prompts(cfg.source, field=cfg.field, split=cfg.split, limit=cfg.limit))
+        rows = self.eval_file_prompts()
+        rows += [r for r in held if r["prompt_id"] not in {x["prompt_id"] for x in rows}]
+        return rows[: ev.max_prompts]
+
+    def prompt_inputs(self) -> dict:
+        """Identity of the prompt files: the seed prompts' source and, if set, ``eval.prompts``."""
+        cfg, ev = self.recipe.prompts, self.recipe.eval
         source = Path(cfg.source)
         inputs = {"source": sha256_file(source) if source.is_file() else cfg.source}
+        if ev.prompts:
+            inputs["eval_prompts"] = sha256_file(Path(ev.prompts))
+        return inputs
+
+    # ---- stages ------------------------------------------------------------------------
+    def prompts(self, t: int) -> str:
+        """Seed prompts (less the held-out ones when ``eval`` is on) plus optional self-instruct.
+
+        With eval off, inputs and recipe hash are exactly what they were before the eval stage
+        existed, so such runs keep every stage's hash."""
+        cfg, ev = self.recipe.prompts, self.recipe.eval
+        inputs = self.prompt_inputs()  # just {"source": ...} with eval off, as before
         if cfg.self_instruct.enabled:
             inputs["model"] = self.model_hash(t)
+        held_out = {"heldout": {k: v for k, v in ev.model_dump(mode="json").items()
+                                if k in ("heldout_fraction", "prompts", "field")}} if ev.enabled else {}
 
         def compute():
             rows = load_prompts(cfg.source, field=cfg.field, split=cfg.split, limit=cfg.limit)
             info = {"seed_prompts": len(rows)}
+            kept_out: set[str] = set()
+            if ev.enabled:
+                train, _ = self.split_prompts(rows)
+                kept_out = {r["prompt_id"] for r in rows} - {r["prompt_id"] for r in train}
+                rows = train
+                info["heldout"] = len(kept_out)
+                self.log(f"iter {t} prompts: {len(kept_out)} of {info['seed_prompts']} seed prompts kept out of "
+                         f"training for the eval stage")
             if cfg.self_instruct.enabled:
                 si = cfg.self_instruct
                 new, stats = self_instruct(
@@ -57,11 +112,15 @@ class SelfRewardingRun(IterativeRun):
                 )
                 self.log(f"iter {t} prompts: self-instruct kept {stats['kept']} of {stats['requested']} "
                          f"(duplicates {stats['duplicate']}, too short {stats['too_short']}, too long {stats['too_long']})")
-                rows += new
-                info["self_instruct"] = stats
+                # A new prompt that is an eval prompt would leak it into training.
+                eval_ids = kept_out | {r["prompt_id"] for r in self.eval_file_prompts()}
+                kept = [r for r in new if r["prompt_id"] not in eval_ids]
+                rows += kept
+                info["self_instruct"] = stats | ({"eval_prompts_dropped": len(new) - len(kept)} if ev.enabled else {})
             return rows, info
 
-        return run_table_stage(self.store, t, "prompts", inputs=inputs, recipe_hash=self._section_hash("prompts", "model"),
+        return run_table_stage(self.store, t, "prompts", inputs=inputs,
+                               recipe_hash=self._section_hash("prompts", "model", **held_out),
                                compute=compute, log=self.log)
 
     def generate(self, t: int) -> str:
@@ -195,6 +254,100 @@ class SelfRewardingRun(IterativeRun):
             self.log(f"iter {t} train: {len(applied)} review corrections applied")
         return pairs, applied
 
+    # ---- evaluation ----------------------------------------------------------------------
+    def eval_judge_adapter(self) -> str | None:
+        """The fixed judge's adapter: none (the base model) or M_1's (``eval.judge.model: initial``)."""
+        return self.base.adapter if self.recipe.eval.judge.model == "initial" else None
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Token counts of texts under the base model's tokenizer (loaded once)."""
+        tokenizer = getattr(self, "_tokenizer", None)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = self._tokenizer = AutoTokenizer.from_pretrained(self.base.base)
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+    def eval(self, t: int) -> dict | None:
+        """M_{t+1} ("after", the candidate) against M_t ("before") on the eval prompts.
+
+        Both answer every eval prompt (the same per-prompt seed, so sampling noise is shared);
+        the fixed judge compares each pair in both orders (``alignment.head_to_head``) and, with
+        ``eval.judge.pointwise``, scores each answer with the recipe's judge settings; with
+        ``eval.reference``, M_{t+1}'s answers are also compared with the reference answers.
+        One row per prompt in ``iter_<t>/eval/data.parquet``; the summary (win / tie / loss, win
+        rate with its seeded bootstrap 95% interval, LC win rate, mean length and score of each
+        side) is the manifest's info and ``metrics.json``'s ``eval``. Off: one log line, nothing
+        written."""
+        ev = self.recipe.eval
+        if not ev.enabled:
+            self.log(f"iter {t} eval: off (eval.heldout_fraction 0 and no eval.prompts); skipped")
+            return None
+        judge_model = self.model_hash(1) if ev.judge.model == "initial" else hash_obj({"model": self.recipe.model,
+                                                                                        "judge": "base"})
+        inputs = self.prompt_inputs() | {"before": self.model_hash(t), "after": self.model_hash(t + 1),
+                                         "judge_model": judge_model}
+        if ev.reference:
+            inputs["reference"] = sha256_file(Path(ev.reference))
+        # The recipe's judge section sets the pointwise scores; the prompts section, the split.
+        recipe_hash = self._section_hash("eval", "prompts", *(("judge",) if ev.judge.pointwise else ()))
+
+        def compute():
+            prompts = self.eval_prompts()
+            before, after = self.model(t), self.model(t + 1)
+            gen = self.generator()
+            sampling = Sampling(n=1, temperature=ev.temperature, top_p=ev.top_p, max_tokens=ev.max_tokens)
+            # Every answer first, then every judgment: an engine serving merged adapters restarts
+            # only when the model changes (M_t — still loaded from this iteration's judging —,
+            # M_{t+1}, then the judge). Per-request seeds make the order irrelevant to the result.
+            answer_seed = derive_seed(self.recipe.seed, "eval-answers")
+            answers = {side: generate_responses(gen, prompts, sampling, adapter=model.adapter, seed=answer_seed)
+                       for side, model in (("before", before), ("after", after))}
+            adapter = self.eval_judge_adapter()
+            j = ev.judge
+            settings = PairwiseSettings(mode=j.mode, temperature=j.temperature, top_p=j.top_p,
+                                        max_tokens=j.max_tokens, min_verdict_mass=j.min_verdict_mass)
+            items = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"], "candidate": a["response"],
+                      "baseline": b["response"]} for b, a in zip(answers["before"], answers["after"])]
+            verdicts = compare(gen, items, settings, adapter=adapter, seed=derive_seed(self.recipe.seed, "eval-judge"))
+            reference = load_reference(ev.reference) if ev.reference else {}
+            ref_items = [i | {"baseline": reference[i["prompt_id"]]} for i in items if i["prompt_id"] in reference]
+            ref_verdicts = dict(zip((i["prompt_id"] for i in ref_items), compare(
+                gen, ref_items, settings, adapter=adapter, seed=derive_seed(self.recipe.seed, "eval-judge-reference"))))
+            ref_lengths = dict(zip((i["prompt_id"] for i in ref_items), self.token_lengths([i["baseline"] for i in ref_items])))
+            scores: dict[str, list] = {side: [None] * len(prompts) for side in answers}
+            if j.pointwise:
+                jc = self.recipe.judge
+                js = JudgeSettings(n=jc.n, mode=jc.mode, score=jc.score, temperature=jc.temperature, top_p=jc.top_p,
+                                   max_tokens=jc.max_tokens, min_digit_mass=jc.min_digit_mass)
+                for side in answers:
+                    scores[side] = [r["mean_score"] for r in judge_responses(
+                        gen, answers[side], js, adapter=adapter, seed=derive_seed(self.recipe.seed, "eval-score", side))]
+            rows = []
+            for k, (b, a, v) in enumerate(zip(answers["before"], answers["after"], verdicts)):
+                rv = ref_verdicts.get(b["prompt_id"], {})
+                rows.append({
+                    "prompt_id": b["prompt_id"], "prompt": b["prompt"],
+                    "response_before": b["response"], "response_after": a["response"],
+                    "length_before": b["length"], "length_after": a["length"],
+                    "score_before": scores["before"][k], "score_after": scores["after"][k],
+                    "verdict_after_first": v["verdict_candidate_first"], "verdict_before_first": v["verdict_baseline_first"],
+                    "judgment_after_first": v["judgment_candidate_first"],
+                    "judgment_before_first": v["judgment_baseline_first"],
+                    "identical": v["identical"], "outcome": v["outcome"], "result": outcome_label(v["outcome"]),
+                    "reference": reference.get(b["prompt_id"]), "reference_length": ref_lengths.get(b["prompt_id"]),
+                    "reference_outcome": rv.get("outcome"),
+                    "reference_result": outcome_label(rv["outcome"]) if rv else None,
+                })
+            return rows, eval_summary(rows, seed=self.recipe.seed, resamples=ev.bootstrap_resamples) | {
+                "model_before": before.label, "model_after": after.label,
+                "judge": f"{self.base.base} ({'M_1' if adapter else 'base'})"}
+
+        run_table_stage(self.store, t, "eval", inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
+        info = self.store.manifest(t, "eval")["info"]
+        self.log(f"iter {t} eval on {info['prompts']} prompts, M_{t + 1} vs M_{t}: {eval_line(info)}")
+        return info
+
     # ---- reporting ---------------------------------------------------------------------
     def metrics(self, t: int) -> dict:
         """Per-iteration metrics, written to ``iter_<t>/metrics.json``."""
@@ -208,13 +361,20 @@ class SelfRewardingRun(IterativeRun):
             import json
 
             out["train_metrics"] = json.loads(Path(adapter, "train_metrics.json").read_text())
+        evaluated = self.store.manifest(t, "eval") if self.recipe.eval.enabled else None
+        if evaluated:  # no key at all with eval off: such runs write the metrics they always did
+            out["eval"] = evaluated["info"]
         self.store.write_json(t, "metrics.json", out)
         return out
 
+    def stages(self) -> list[str]:
+        """The recipe's stages, then ``eval`` when it is on."""
+        return list(self.recipe.STAGES) + (["eval"] if self.recipe.eval.enabled else [])
+
     def iteration(self, t: int) -> dict:
-        """All stages of iteration t in the recipe's order (the flow does the same, one task
-        per stage); each stage is the method of the same name."""
-        for stage in self.recipe.STAGES:
+        """All stages of iteration t in order (the flow does the same, one task per stage);
+        each stage is the method of the same name."""
+        for stage in self.stages():
             getattr(self, stage)(t)
         return self.metrics(t)
 
@@ -224,6 +384,27 @@ def _group(rows: list[dict]) -> dict[str, list[dict]]:
     for r in rows:
         groups.setdefault(r["prompt_id"], []).append(r)
     return groups
+
+
+def eval_summary(rows: list[dict], *, seed: int = 0, resamples: int = 2000) -> dict:
+    """The eval table's summary: :func:`alignment.head_to_head.summarize` of M_{t+1} (after)
+    against M_t (before), the mean pointwise score of each side (None where unscored), the
+    identical pairs (ties without a judgment), and the same head-to-head against the reference
+    answers over the prompts that have one (``reference``: None without)."""
+    h = summarize([r["outcome"] for r in rows], [r["length_after"] for r in rows], [r["length_before"] for r in rows],
+                  seed=seed, resamples=resamples)
+    out = {k: v for k, v in h.items() if not k.startswith("mean_length")} | {
+        "mean_length_before": h["mean_length_baseline"], "mean_length_after": h["mean_length_candidate"],
+        "mean_score_before": mean_or_none([r["score_before"] for r in rows]),
+        "mean_score_after": mean_or_none([r["score_after"] for r in rows]),
+        "identical": sum(1 for r in rows if r["identical"]), "reference": None}
+    with_ref = [r for r in rows if r["reference"] is not None]
+    if with_ref:
+        ref = summarize([r["reference_outcome"] for r in with_ref], [r["length_after"] for r in with_ref],
+                        [r["reference_length"] for r in with_ref], seed=seed, resamples=resamples)
+        out["reference"] = {k: v for k, v in ref.items() if not k.startswith("mean_length")} | {
+            "mean_length_after": ref["mean_length_candidate"], "mean_length_reference": ref["mean_length_baseline"]}
+    return out
 
 
 def judge_stats(rows: list[dict]) -> dict:

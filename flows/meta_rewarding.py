@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignment.meta_rewarding import MetaRewardingRun
+from alignment.report import last_eval_line
 from flows.common import artifact_key, open_run, progress_factory, publish_iteration
 from flows.review_gate import before_training
 
@@ -59,6 +60,11 @@ def judge_pairs_task(run: MetaRewardingRun, t: int) -> dict:
 @task(name="train", **TASK)
 def train_task(run: MetaRewardingRun, t: int) -> str | None:
     return run.train(t)
+
+
+@task(name="eval", **TASK)
+def eval_task(run: MetaRewardingRun, t: int) -> dict | None:
+    return run.eval(t)
 
 
 # ------------------------------------------------------------------------------ artifacts
@@ -139,6 +145,7 @@ def meta_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides:
     logger = get_run_logger()
     store, recipe = open_run(run_dir, recipe_path, overrides or [])
     per_iteration: list[dict] = []
+    evaluated: list[dict] = []  # every iteration's metrics, for the last eval line
     with store.lock():
         run = MetaRewardingRun(store, recipe, log=logger.info, progress=progress_factory(store))
         try:
@@ -152,7 +159,9 @@ def meta_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides:
                 judge_pairs_task(run, t)   # best vs worst judgment
                 before_training(run, store, recipe, t, logger)  # release the engine (if asked), then the review gate
                 train_task(run, t)         # one DPO step on actor + judge pairs → M_{t+1}
+                eval_task(run, t)          # M_{t+1} vs M_t on held-out prompts (one log line when eval is off)
                 metrics = run.metrics(t)
+                evaluated.append(metrics)
                 per_iteration.append(metrics["length"])
                 publish_iteration(store, t, metrics, review_base=recipe.review.url)
                 publish_meta(run, t, per_iteration)
@@ -165,4 +174,7 @@ def meta_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides:
         result[f"iter {s['iteration']}"] = (f"{s['actor_pairs']} actor pairs (rho {s['rho']}, chosen/rejected length "
                                             f"{_num(s['chosen_mean_length'], 1)}/{_num(s['rejected_mean_length'], 1)}), "
                                             f"{jp} judge pairs")
+    line = last_eval_line(evaluated)
+    if line:  # the CLI prints the result's entries as its final lines
+        result["eval"] = line
     return result

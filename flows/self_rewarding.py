@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from alignment.report import last_eval_line
 from alignment.self_rewarding import SelfRewardingRun
 from flows.common import open_run, progress_factory, publish_iteration
 from flows.review_gate import before_training
@@ -42,6 +43,11 @@ def train_task(run: SelfRewardingRun, t: int) -> str | None:
     return run.train(t)
 
 
+@task(name="eval", **TASK)
+def eval_task(run: SelfRewardingRun, t: int) -> dict | None:
+    return run.eval(t)
+
+
 @flow(name="self-rewarding", log_prints=True)
 def self_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
     """Self-Rewarding (Yuan et al., 2024): for t = 1..T, M_t writes, judges and trains M_{t+1}.
@@ -50,6 +56,7 @@ def self_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides:
     """
     logger = get_run_logger()
     store, recipe = open_run(run_dir, recipe_path, overrides or [])
+    per_iteration: list[dict] = []
     with store.lock():
         run = SelfRewardingRun(store, recipe, log=logger.info, progress=progress_factory(store))
         try:
@@ -60,8 +67,14 @@ def self_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides:
                 pairs_task(run, t)
                 before_training(run, store, recipe, t, logger)  # release the engine (if asked), then the review gate
                 train_task(run, t)
-                publish_iteration(store, t, run.metrics(t), review_base=recipe.review.url)
+                eval_task(run, t)  # M_{t+1} vs M_t on held-out prompts (one log line when eval is off)
+                per_iteration.append(run.metrics(t))
+                publish_iteration(store, t, per_iteration[-1], review_base=recipe.review.url)
         finally:
             run.close()
     store.log_event("flow_done")
-    return {"run_dir": str(store.root), "adapter": run.adapter(recipe.iterations)}
+    result = {"run_dir": str(store.root), "adapter": run.adapter(recipe.iterations)}
+    evaluated = last_eval_line(per_iteration)
+    if evaluated:  # the CLI prints the result's entries as its final lines
+        result["eval"] = evaluated
+    return result
