@@ -137,8 +137,10 @@ class TrainConfig(StrictModel):
     max_length: int = Field(1024, ge=16)
     save_steps: int = Field(10, ge=1, description="TRL checkpoint every N steps (for resume)",
                             json_schema_extra=NO_EFFECT)
-    launcher: Literal["subprocess", "inprocess"] = Field(
-        "subprocess", description="subprocess: `python -m alignment.training` (replaceable by accelerate launch)",
+    launcher: Literal["auto", "subprocess", "inprocess"] = Field(
+        "auto", description="subprocess: `python -m alignment.training` (replaceable by accelerate launch via "
+        "SELFALIGN_TRAIN_LAUNCHER); inprocess: in the run's process; auto = subprocess on GPU or with "
+        "SELFALIGN_TRAIN_LAUNCHER set, else inprocess",
         json_schema_extra=NO_EFFECT,
     )
     release_engine: bool = Field(

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from alignment import console
+from alignment.generation import has_cuda
 from alignment.store import RUN_FILE
 from alignment.training import DPOSpec, train_dpo
 
@@ -33,9 +34,20 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+def resolve_launcher(requested: str, *, on_gpu: bool, env: dict | None = None) -> str:
+    """``requested`` unless it is ``auto``: then ``subprocess`` on a GPU (the trainer's memory is
+    given back when it exits) or when ``SELFALIGN_TRAIN_LAUNCHER`` names a launcher (e.g.
+    ``accelerate launch -m``), else ``inprocess`` (on CPU a trainer process costs ~10 s of imports
+    per training job, 8% of a demo iteration, and gives back nothing the run needs)."""
+    if requested != "auto":
+        return requested
+    env = os.environ if env is None else env
+    return "subprocess" if on_gpu or env.get("SELFALIGN_TRAIN_LAUNCHER") else "inprocess"
+
+
 def run_dpo(spec: DPOSpec, *, launcher: str, spec_path: Path, log=print) -> dict:
-    if launcher == "inprocess":
-        return train_dpo(spec)
+    if resolve_launcher(launcher, on_gpu=has_cuda()) == "inprocess":
+        return run_inprocess(lambda: train_dpo(spec), "dpo", spec_path=spec_path, log=log)
     return run_subprocess("alignment.training", "dpo", spec, spec_path=spec_path, log=log)
 
 
@@ -76,6 +88,80 @@ class _StepBars:
         self.bars[kind].update(done, total)
 
 
+class JobOutput:
+    """Where a training job's output lines go, under either launcher: appended to
+    ``RUN/logs/iter_<t>-<stage>-<job>.log``, echoed to stderr under ``selfalign run -v``, its
+    ``[train]`` lines to ``log`` and (on a terminal) a step bar; the last 40 lines kept for an error."""
+
+    def __init__(self, job: str, spec_path: Path, log, header: str):
+        self.log, self.tail, self.path = log, [], job_log_path(spec_path, job)
+        self.echo = os.environ.get(console.VERBOSE_ENV) == "1"
+        self.bars = _StepBars(" ".join(p.replace("_", " ") for p in self.path.stem.split("-")[:2]) if self.path else job)
+        self.sink = None
+        if self.path is not None:
+            self.path.parent.mkdir(exist_ok=True)
+            self.sink = open(self.path, "a", encoding="utf-8")
+            self.sink.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n")
+
+    def line(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink.write(line if line.endswith("\n") else line + "\n")
+            self.sink.flush()
+        if self.echo:
+            sys.stderr.write(line if line.endswith("\n") else line + "\n")
+        line = line.rstrip()
+        self.tail = (self.tail + [line])[-40:]
+        if line.startswith("[train]"):
+            self.log(line.removeprefix("[train] "))
+            self.bars.update(line.removeprefix("[train] "))
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+class _Lines:
+    """A write-only text stream that hands each complete line to ``emit`` (for ``redirect_stdout``)."""
+
+    def __init__(self, emit):
+        self.emit, self.buffer = emit, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            self.emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.buffer:
+            self.emit(self.buffer)
+            self.buffer = ""
+
+
+def run_inprocess(train, job: str, *, spec_path: Path, log=print) -> dict:
+    """Run ``train()`` in this process with its printed lines handled as a subprocess's are
+    (:class:`JobOutput`: job log, ``[train]`` lines to ``log``, step bar) and return its metrics."""
+    stdout = sys.stdout
+
+    def log_outside(message: str) -> None:  # the run's own log prints where it always did
+        with contextlib.redirect_stdout(stdout):
+            log(message)
+
+    output = JobOutput(job, spec_path, log_outside, header=f"in process: {job}")
+    log(f"training: {job} in this process" + (f" (output: {output.path})" if output.path else ""))
+    lines = _Lines(output.line)
+    try:
+        with contextlib.redirect_stdout(lines):
+            return train()
+    finally:
+        lines.close()
+        output.close()
+
+
 def run_subprocess(module: str, job: str, spec, *, spec_path: Path, log=print) -> dict:
     """Run ``python -m MODULE JOB SPEC.json`` (or ``$SELFALIGN_TRAIN_LAUNCHER -m ...``, e.g.
     ``accelerate launch -m``), stream its ``[train]`` lines to ``log``, and return the
@@ -88,40 +174,23 @@ def run_subprocess(module: str, job: str, spec, *, spec_path: Path, log=print) -
     env = dict(os.environ, SELFALIGN_RUN_PID=os.environ.get("SELFALIGN_RUN_PID", str(os.getpid())),
                TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])))
-    log_path = job_log_path(spec_path, job)
-    log(f"training: {' '.join(cmd)}" + (f" (output: {log_path})" if log_path else ""))
-    echo = os.environ.get(console.VERBOSE_ENV) == "1"
+    output = JobOutput(job, spec_path, log, header=" ".join(cmd))
+    log(f"training: {' '.join(cmd)}" + (f" (output: {output.path})" if output.path else ""))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    tail: list[str] = []
-    bars = _StepBars(" ".join(p.replace("_", " ") for p in log_path.stem.split("-")[:2]) if log_path else job)
     assert proc.stdout is not None
     try:
-        with contextlib.ExitStack() as stack:
-            sink = None
-            if log_path is not None:
-                log_path.parent.mkdir(exist_ok=True)
-                sink = stack.enter_context(open(log_path, "a", encoding="utf-8"))
-                sink.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-            for line in proc.stdout:
-                if sink is not None:
-                    sink.write(line)
-                    sink.flush()
-                if echo:
-                    sys.stderr.write(line)
-                line = line.rstrip()
-                tail = (tail + [line])[-40:]
-                if line.startswith("[train]"):
-                    log(line.removeprefix("[train] "))
-                    bars.update(line.removeprefix("[train] "))
-            proc.wait()
+        for line in proc.stdout:
+            output.line(line)
+        proc.wait()
     finally:
+        output.close()
         # Ctrl-C or an error in this process: the trainer must not outlive the run's lock
         # (a resume could then start while it still writes checkpoints). Its checkpoints stay.
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     if proc.returncode != 0:
-        where = f" (full output: {log_path})" if log_path else ""
-        raise TrainingError(f"{job} training exited with code {proc.returncode}{where}; last output:\n" + "\n".join(tail))
+        where = f" (full output: {output.path})" if output.path else ""
+        raise TrainingError(f"{job} training exited with code {proc.returncode}{where}; last output:\n" + "\n".join(output.tail))
     return json.loads(Path(spec.output_dir, "train_metrics.json").read_text())

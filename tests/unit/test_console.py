@@ -227,3 +227,54 @@ def test_trainer_output_goes_whole_to_its_log_and_a_failure_names_it(tmp_path, m
     log = (tmp_path / "logs" / "iter_1-train-dpo.log").read_text()
     assert "loading weights" in log and "Traceback: boom" in log and "[train] step 1/2 loss 0.69" in log
     assert "step 1/2 loss 0.69" in lines and not any("loading weights" in line for line in lines)
+
+
+@pytest.mark.parametrize("requested, on_gpu, env, launcher", [
+    ("auto", False, {}, "inprocess"),
+    ("auto", True, {}, "subprocess"),
+    ("auto", False, {"SELFALIGN_TRAIN_LAUNCHER": "accelerate launch -m"}, "subprocess"),
+    ("subprocess", False, {}, "subprocess"),
+    ("inprocess", True, {}, "inprocess"),
+])
+def test_auto_launcher_trains_in_process_on_cpu_only(requested, on_gpu, env, launcher):
+    from alignment.launch import resolve_launcher
+
+    assert resolve_launcher(requested, on_gpu=on_gpu, env=env) == launcher
+
+
+def test_in_process_training_output_goes_where_a_subprocess_output_goes(tmp_path, capsys):
+    """The same routing as a trainer subprocess: everything printed to the job's log, the ``[train]``
+    lines (only) to the stage log, nothing on this process's stdout; an unfinished last line kept."""
+    from alignment.launch import run_inprocess
+
+    (tmp_path / "run.json").write_text("{}")
+    spec_path = tmp_path / "iter_1" / "train" / "checkpoints" / "spec.json"
+    spec_path.parent.mkdir(parents=True)
+
+    def train():
+        print("loading weights")
+        print("[train] step 1/2 loss 0.69", flush=True)
+        print("[train] step 2/2 ", end="")
+        print("loss 0.55")
+        print("no newline at the end", end="")
+        return {"loss": 0.55}
+
+    lines: list[str] = []
+    assert run_inprocess(train, "dpo", spec_path=spec_path, log=lines.append) == {"loss": 0.55}
+    log = (tmp_path / "logs" / "iter_1-train-dpo.log").read_text()
+    assert "loading weights\n[train] step 1/2 loss 0.69\n[train] step 2/2 loss 0.55\nno newline at the end\n" in log
+    assert lines[1:] == ["step 1/2 loss 0.69", "step 2/2 loss 0.55"] and "in this process" in lines[0]
+    assert capsys.readouterr().out == ""
+
+
+def test_in_process_training_keeps_the_run_log_on_its_own_stream(tmp_path, capsys):
+    """A stage log that prints (the default ``log=print``) prints to the run's stdout, not back
+    into the job's output."""
+    from alignment.launch import run_inprocess
+
+    (tmp_path / "run.json").write_text("{}")
+    spec_path = tmp_path / "iter_1" / "train" / "checkpoints" / "spec.json"
+    spec_path.parent.mkdir(parents=True)
+    run_inprocess(lambda: print("[train] step 1/1 loss 0.5") or {}, "dpo", spec_path=spec_path)
+    assert capsys.readouterr().out.splitlines()[-1] == "step 1/1 loss 0.5"
+    assert (tmp_path / "logs" / "iter_1-train-dpo.log").read_text().count("step 1/1") == 1
