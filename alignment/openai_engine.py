@@ -45,6 +45,7 @@ BACKOFF_CAP_S = 30.0
 # Token-id prompts per /v1/completions request for next-token reads (consecutive prompts: the
 # prefix queries of one conversation share its prompt, so they stay on one server's prefix cache).
 NEXT_TOKEN_BATCH = 8
+CPU_STEP_TIMEOUT_S = 3600  # vllm serve on CPU: how long one model step may take before vLLM gives up
 RUNTIME_LORA_HINT = ("start it with `selfalign serve-model MODEL`, or run `vllm serve` with --enable-lora "
                      "and the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
 
@@ -399,6 +400,10 @@ def vllm_serve_env(on_gpu: bool, cpu_threads: int | None, kv_cache_gib: float = 
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if not on_gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+        # One model step may take minutes on a busy CPU (a batch of LoRA prefills on one core took
+        # over 300 s here); past VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300) vLLM declares its engine dead.
+        env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS",
+                                                                   str(CPU_STEP_TIMEOUT_S))
         env |= cpu_engine_env(cpu_threads) | USER_CPU_ENV
     return env
 
