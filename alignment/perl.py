@@ -13,7 +13,8 @@
 The pure functions (reward-function loading and validation, preference-data conversion, splits,
 pairs from scores) hold the logic; ``PerlRun`` runs them as stages over the run directory and
 holds no Prefect code; ``flows/perl.py`` wraps each stage in a task. Training runs in a
-subprocess (``python -m alignment.perl_training``), see that module for the TRL details.
+subprocess (``python -m alignment.perl_training``); PPO's loop is ``alignment.ppo_trainer``, its
+rollouts sampled by the recipe's engine in that subprocess.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Sequence
 from alignment.data import DataError, load_prompts
 from alignment.evaluation import bootstrap_ci
 from alignment.generation import Sampling, derive_seed
-from alignment.iterative import IterativeRun
+from alignment.iterative import IterativeRun, lora_rank_slot
 from alignment.config import result_dump
 from alignment.perl_config import PerlRecipe, PreferenceDataConfig
 from alignment.perl_data import (call_reward, is_run_dir, load_preferences, load_reward_function,
@@ -209,7 +210,7 @@ class PerlRun(IterativeRun):
 
         def build(tmp: Path) -> None:
             data = ckpt / "ppo_prompts.jsonl"
-            _write_jsonl(data, prompts, ("prompt",))
+            _write_jsonl(data, prompts, ("prompt_id", "prompt"))
             spec = PPOSpec(
                 base=self.base.base, prompts=str(data), output_dir=str(tmp), checkpoint_dir=str(ckpt / "ppo"),
                 reward_adapter=rm_dir, reward_function=None if use_rm else self.recipe.reward.function,
@@ -218,7 +219,9 @@ class PerlRun(IterativeRun):
                 kl_estimator=p.kl_estimator, cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
                 gamma=p.gamma, lam=p.lam, response_length=p.response_length, temperature=p.temperature,
                 missing_eos_penalty=p.missing_eos_penalty, whiten_rewards=p.whiten_rewards, save_steps=p.save_steps,
-                seed=self.recipe.seed, lora=p.lora.model_dump(), value_lora=p.value_lora.model_dump(), crash_prefix="perl/ppo",
+                seed=self.recipe.seed, lora=p.lora.model_dump(), value_lora=p.value_lora.model_dump(),
+                engine=self._rollout_engine(), max_failed_share=self.recipe.reward.max_failed_share,
+                crash_prefix="perl/ppo",
             )
             metrics.update(run_job("ppo", spec, launcher=self.recipe.launcher, spec_path=ckpt / "spec.json", log=self.log))
 
@@ -234,6 +237,16 @@ class PerlRun(IterativeRun):
             self.log(f"ppo: reward {curve[0]['reward']:.4f} -> {curve[-1]['reward']:.4f}, kl {curve[-1]['kl']:.4f} "
                      f"after {len(curve)} steps")
         return self._output(stage, "adapter")
+
+    def _rollout_engine(self) -> dict:
+        """The PPO job's rollout engine: the recipe's engine section (``EngineSpec`` fields), serving the
+        policy adapter per request (a new adapter every step: a merged engine would restart each step)."""
+        e = self.recipe.engine
+        return {"backend": e.backend, "dtype": e.dtype, "max_model_len": e.max_model_len, "kv_cache_gib": e.kv_cache_gib,
+                "gpu_memory_utilization": e.gpu_memory_utilization, "enforce_eager": e.enforce_eager,
+                "max_lora_rank": lora_rank_slot(self.recipe.ppo.lora.r), "batch_size": e.batch_size,
+                "cpu_threads": e.cpu_threads, "base_url": e.base_url, "api_key_env": e.api_key_env,
+                "request_timeout_s": e.request_timeout_s, "max_concurrency": e.max_concurrency}
 
     def ppo_metrics(self) -> dict | None:
         f = Path(self._output("ppo", "adapter")) / "train_metrics.json"

@@ -102,6 +102,9 @@ class RewardConfig(StrictModel):
 
     source: Literal["reward_model", "function"] = "reward_model"
     function: str | None = Field(None, description="'module:function' or 'file.py:function' reward(prompt, response) -> float")
+    max_failed_share: float = Field(
+        0.1, ge=0, le=1, description="function: a PPO rollout whose reward call raises is counted as failed (scored with "
+        "the batch's mean); PPO stops, resumable, once more than this share of all rollouts so far failed")
 
     @model_validator(mode="after")
     def _function(self) -> "RewardConfig":
@@ -111,14 +114,15 @@ class RewardConfig(StrictModel):
 
 
 class PPOConfig(StrictModel):
-    """PPO on LoRA adapters (TRL ``trl.experimental.ppo``); only policy and value adapters train.
+    """PPO on LoRA adapters (``alignment.ppo_trainer``); only policy and value adapters train.
 
-    One PPO step = ``batch_size`` prompts (``per_device_train_batch_size * grad_accum``) →
-    rollouts → ``num_ppo_epochs`` passes over them in ``num_mini_batches`` minibatches.
+    One PPO step = ``batch_size * grad_accum`` prompts → one rollout each, sampled by the recipe's
+    engine with the current policy adapter → ``num_ppo_epochs`` passes over them in
+    ``num_mini_batches`` mini-batches (one optimizer step each).
     """
 
     steps: int = Field(100, ge=1, description="PPO updates (rollout batches)")
-    batch_size: int = Field(8, ge=1, description="prompts per rollout batch per gradient-accumulation step")
+    batch_size: int = Field(8, ge=1, description="prompts per rollout batch (times grad_accum)")
     grad_accum: int = Field(1, ge=1)
     num_mini_batches: int = Field(1, ge=1, description="batch_size * grad_accum must be a multiple of this")
     num_ppo_epochs: int = Field(4, ge=1)

@@ -1,4 +1,4 @@
-"""PERL training jobs: a LoRA reward model (TRL ``RewardTrainer``) and LoRA PPO (``trl.experimental.ppo``).
+"""PERL training jobs: a LoRA reward model (TRL ``RewardTrainer``) and LoRA PPO (``alignment.ppo_trainer``).
 
 Runs in-process or as ``python -m alignment.perl_training rm|ppo SPEC.json`` (what the flow does),
 so a cluster can put ``accelerate launch -m alignment.perl_training`` in its place.
@@ -10,26 +10,18 @@ The tokens it trains on are exactly those it scores and PPO shows it (``rm_input
 chat-template prompt with the assistant header, tokenized without special tokens (the template
 holds any BOS), + the response + EOS; the score is read at the EOS token.
 
-PPO: the policy is the base + a LoRA adapter; the reference is the same module with adapters
-disabled (TRL's ``null_ref_context``), so there is no second copy of the policy; the value model
-is a sequence-classification model with its own LoRA, initialised from the reward model's adapter
-and head when there is one (TRL's convention: value model = reward model at start). The reward
-model is merged and frozen. Rollouts are sampled by TRL with ``model.generate`` (not vLLM).
+PPO (``alignment.ppo_trainer``, the update math in ``alignment.ppo``): one frozen base carries the
+policy adapter, the value adapter (+ scalar head, initialised from the reward model's adapter and
+head when there is one) and the reward model's adapter (+ its head); the reference is the base with
+adapters disabled. Each step's rollouts are sampled by the project's generation engine
+(``spec.engine``: transformers, vLLM or an OpenAI-compatible server) with the current policy adapter.
 
 Padding. SmolLM2 (and many chat models) use EOS ``<|im_end|>`` as the pad token, and that token
-also ends every chat turn inside the prompt. TRL's PPO treats every pad-id token as padding (it
-masks it out of the attention and replaces it by id 0), which would silently delete the turn
-ends from every prompt. ``choose_pad_token`` picks a special token that the chat template never
-emits (``<|endoftext|>`` for SmolLM2) for both the RM and PPO; no embedding is resized, so the
-adapters stay valid on the unmodified base (vLLM serves them as is).
-
-A ``reward(prompt, response) -> float`` function is used in place of the reward model through
-``function_reward_model``: TRL's PPO calls ``get_reward(model, ...)``, which runs
-``getattr(model, model.base_model_prefix)(...)`` and reads ``model.score(hidden_states[-1])`` at the
-last response token. ``function_reward_model``'s "backbone" decodes each sequence, splits it into the
-known query (looked up by its token ids — the rollout queries are exactly the dataset's
-``input_ids``) and the response, calls the function, and returns the score at every position,
-so whichever position TRL reads is that score. No TRL code is patched.
+also ends every chat turn inside the prompt. PPO treats every pad-id token as padding (it masks it
+out of the attention), which would silently delete the turn ends from every prompt.
+``choose_pad_token`` picks a special token that the chat template never emits (``<|endoftext|>``
+for SmolLM2) for both the RM and PPO; no embedding is resized, so the adapters stay valid on the
+unmodified base (vLLM serves them as is).
 """
 
 from __future__ import annotations
@@ -40,8 +32,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable
 
 from alignment.training import file_hash
 
@@ -97,6 +87,10 @@ class PPOSpec:
     seed: int = 0
     lora: dict | None = field(default_factory=lambda: dict(DEFAULT_LORA))  # None = full fine-tuning (bench)
     value_lora: dict | None = field(default_factory=lambda: dict(DEFAULT_LORA))
+    # The rollout engine: EngineSpec fields (backend, dtype, batch_size, ...; base, seed and LoRA are set
+    # by the trainer). Unit tests and benches without an engine section sample with transformers.
+    engine: dict = field(default_factory=lambda: {"backend": "transformers"})
+    max_failed_share: float = 0.1  # reward function: stop once more of all rollouts so far failed
     crash_prefix: str = ""
 
 
@@ -237,6 +231,9 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict], **kw) -> float | None
     return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
+ENGINE_NO_EFFECT = ("cpu_threads", "base_url", "api_key_env", "request_timeout_s", "max_concurrency", "kv_cache_gib")
+
+
 def resume_key(spec) -> str:
     """What a checkpoint must come from to be resumed: data / reward adapter *content* and every
     hyperparameter (not paths, save_steps, crash_prefix)."""
@@ -245,6 +242,8 @@ def resume_key(spec) -> str:
     d = asdict(spec)
     for k in ("output_dir", "checkpoint_dir", "save_steps", "crash_prefix"):
         d.pop(k, None)
+    for k in ENGINE_NO_EFFECT:  # where the engine runs and how it is reached change no rollout
+        d.get("engine", {}).pop(k, None)
     for k in ("train_data", "heldout_data", "prompts"):
         if k in d:
             d[k] = file_hash(d[k])
@@ -360,238 +359,54 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-# --------------------------------------------------------------------------------- function reward
-class _FunctionBackbone:
-    """Stands in for the transformer body TRL's ``get_reward`` calls (see module docstring)."""
-
-    def __init__(self, owner):
-        self.owner = owner
-
-    def __call__(self, input_ids, attention_mask=None, **_ignored):
-        import torch
-
-        o = self.owner
-        scores = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            valid = [i for i, m in zip(ids, mask) if m]
-            prompt, response_ids = o.split(valid)
-            response = o.tokenizer.decode(response_ids, skip_special_tokens=True).strip()
-            scores.append(o.reward(prompt, response))
-        o.calls += len(scores)
-        s = torch.tensor(scores, dtype=torch.float32, device=input_ids.device)
-        return SimpleNamespace(hidden_states=(s[:, None, None].expand(-1, input_ids.shape[1], 1),))
-
-
-def function_reward_model(fn: Callable[[str, str], float], tokenizer, queries: list[list[int]], prompts: list[str],
-                          name: str = "reward"):
-    """A ``reward(prompt, response) -> float`` function shaped like a TRL reward model (an ``nn.Module``)."""
-    return _function_reward_cls()(fn, tokenizer, queries, prompts, name)
-
-
-_FR_CLS = None
-
-
-def _function_reward_cls():
-    global _FR_CLS
-    if _FR_CLS is not None:
-        return _FR_CLS
-    import torch
-    import torch.nn as nn
-
-    class _FunctionReward(nn.Module):
-        base_model_prefix = "backbone"
-
-        def __init__(self, fn: Callable[[str, str], float], tokenizer, queries: list[list[int]], prompts: list[str],
-                     name: str = "reward"):
-            super().__init__()
-            from alignment.perl_data import call_reward
-
-            self.fn, self.name, self.tokenizer, self.calls = fn, name, tokenizer, 0
-            self._call = call_reward
-            self.by_query = {tuple(q): p for q, p in zip(queries, prompts)}
-            self.lengths = sorted({len(q) for q in queries}, reverse=True)
-            self.backbone = _FunctionBackbone(self)
-            self.score = nn.Identity()
-            self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # .to(device) works
-
-        def split(self, ids: list[int]) -> tuple[str, list[int]]:
-            for n in self.lengths:
-                prompt = self.by_query.get(tuple(ids[:n]))
-                if prompt is not None:
-                    return prompt, ids[n:]
-            raise RuntimeError("FunctionReward: a rollout does not start with any known query (tokenization changed?)")
-
-        def reward(self, prompt: str, response: str) -> float:
-            return self._call(self.fn, prompt, response, self.name)
-
-    _FR_CLS = _FunctionReward
-    return _FR_CLS
-
-
 # --------------------------------------------------------------------------------- PPO
 def _tokenize_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [prompt_ids(tokenizer, p) for p in prompts]
 
 
-def _latest_ppo_checkpoint(checkpoint_dir: str) -> Path | None:
-    ckpts = []
-    for c in Path(checkpoint_dir).glob("step-*"):
-        if c.name.split("-")[-1].isdigit() and (c / "state.json").is_file():
-            ckpts.append(c)
-    return max(ckpts, key=lambda c: int(c.name.split("-")[-1])) if ckpts else None
-
-
 def train_ppo(spec: PPOSpec) -> dict:
-    """LoRA PPO against the reward model or a reward function; save the policy adapter; return metrics.
+    """LoRA PPO against the reward model or a reward function (``alignment.ppo_trainer``: rollouts
+    through the engine ``spec.engine`` names, one frozen base); save the policy adapter (and the value
+    adapter + head in ``value/``); return metrics.
 
-    Resume: every ``save_steps`` updates the policy and value adapters, the optimizer state and the
-    curve go to ``checkpoint_dir/step-N`` (renamed into place when complete). A restarted job loads
-    the newest one and runs the remaining updates. TRL's PPOTrainer cannot resume by itself; the
-    learning rate is constant so nothing else needs restoring (RNG state is not restored, so a
-    resumed run is equivalent, not bit-identical).
+    Resume: every ``save_steps`` updates the policy and value adapters, the value head, the optimizer
+    state, the RNG state and the curve go to ``checkpoint_dir/step-N`` (renamed into place when
+    complete); a restarted job loads the newest one and runs the remaining updates, with the same
+    prompts and rollout seeds (derived from the seed and the step): on the transformers backend the
+    result is bit-identical to an uninterrupted run.
     """
-    import shutil
-
-    import torch
-    from datasets import Dataset
-    from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-
     from alignment.faults import crash_point
-    from alignment.perl_data import load_reward_function
+    from alignment.perl_data import RewardFunctionError, call_reward, load_reward_function
+    from alignment.ppo_trainer import run_ppo
 
-    torch.manual_seed(spec.seed)
-    on_gpu = torch.cuda.is_available()
-    dtype = torch.float32 if not on_gpu else "auto"
     tokenizer = load_tokenizer(spec.base, padding_side="left")
-    prompts = [r["prompt"] for r in _read_jsonl(spec.prompts)]
-    if not prompts:
+    rows = _read_jsonl(spec.prompts)
+    if not rows:
         raise ValueError(f"{spec.prompts}: no prompts")
-    queries = _tokenize_prompts(tokenizer, prompts)
-    dataset = Dataset.from_list([{"input_ids": q} for q in queries])
-    rollout = spec.batch_size * spec.grad_accum
-
-    resume = None
-    done_steps, curve = 0, []
+    prompts = [r["prompt"] for r in rows]
     if spec.output_dir:
         _prepare_checkpoint_dir(spec)
-        resume = _latest_ppo_checkpoint(spec.checkpoint_dir)
-    if resume:
-        state = json.loads((resume / "state.json").read_text())
-        done_steps, curve = int(state["step"]), state["curve"]
-        print(f"[train] resuming PPO from {resume} ({done_steps}/{spec.steps} steps done)", flush=True)
-
-    policy = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy.generation_config.eos_token_id = tokenizer.eos_token_id
-    value = _seq_cls(spec.base, tokenizer.pad_token_id)
-    if spec.reward_adapter:
-        reward_model = load_reward_model(spec.base, spec.reward_adapter, tokenizer)
-        reward_desc = f"reward model {spec.reward_adapter}"
-    else:
+    reward_fn = None
+    if not spec.reward_adapter:
         fn = load_reward_function(spec.reward_function)
-        reward_model = function_reward_model(fn, tokenizer, queries, prompts, name=spec.reward_function)
-        reward_desc = f"reward function {spec.reward_function}"
-
-    if spec.lora:
-        if resume:
-            policy = PeftModel.from_pretrained(policy, str(resume / "policy"), is_trainable=True)
-        else:
-            policy = get_peft_model(policy, _lora_config(spec.lora, "CAUSAL_LM"))
-    if spec.value_lora:
-        if resume:
-            value = PeftModel.from_pretrained(value, str(resume / "value"), is_trainable=True)
-        elif spec.reward_adapter:
-            value = PeftModel.from_pretrained(value, spec.reward_adapter, is_trainable=True)  # value := RM at start
-        else:
-            value = get_peft_model(value, _lora_config(spec.value_lora, "SEQ_CLS"))
-    elif spec.reward_adapter:
-        value = load_reward_model(spec.base, spec.reward_adapter, tokenizer).requires_grad_(True).train()
-    remaining = spec.steps - done_steps
-    args = PPOConfig(
-        output_dir=spec.checkpoint_dir or "/tmp/selfalign-ppo-unused", per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.grad_accum, num_mini_batches=spec.num_mini_batches,
-        total_episodes=max(1, remaining) * rollout, num_ppo_epochs=spec.num_ppo_epochs, learning_rate=spec.learning_rate,
-        lr_scheduler_type="constant", kl_coef=spec.kl_coef, kl_estimator=spec.kl_estimator, cliprange=spec.cliprange,
-        cliprange_value=spec.cliprange_value, vf_coef=spec.vf_coef, gamma=spec.gamma, lam=spec.lam,
-        response_length=spec.response_length, temperature=spec.temperature, stop_token="eos",
-        missing_eos_penalty=spec.missing_eos_penalty, whiten_rewards=spec.whiten_rewards,
-        local_rollout_forward_batch_size=spec.batch_size, num_sample_generations=0, save_strategy="no",
-        logging_steps=1, report_to=[], seed=spec.seed + done_steps, bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        use_cpu=not on_gpu, dataloader_num_workers=0, disable_tqdm=True,
-    )
-    step_times: list[float] = []
-    keys = {"objective/scores": "reward", "objective/kl": "kl", "objective/rlhf_reward": "rlhf_reward",
-            "objective/non_score_reward": "non_score_reward", "objective/entropy": "entropy",
-            "loss/policy_avg": "policy_loss", "loss/value_avg": "value_loss", "policy/approxkl_avg": "approx_kl",
-            "policy/clipfrac_avg": "clipfrac", "val/num_eos_tokens": "eos_count"}
-    holder: dict = {}
-
-    def save_checkpoint(step: int) -> None:
-        trainer = holder["trainer"]
-        wrapper = trainer.accelerator.unwrap_model(trainer.model)
-        target = Path(spec.checkpoint_dir) / f"step-{step}"
-        tmp = Path(spec.checkpoint_dir) / f".step-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        wrapper.policy.save_pretrained(tmp / "policy")
-        wrapper.value_model.save_pretrained(tmp / "value")
-        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "curve": curve}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        for old in Path(spec.checkpoint_dir).glob("step-*"):
-            if old != target and old.name.split("-")[-1].isdigit() and int(old.name.split("-")[-1]) < step:
-                shutil.rmtree(old, ignore_errors=True)
-        crash_point(f"{spec.crash_prefix}/saved{step}")
-
-    class _Progress(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not logs or "objective/scores" not in logs:
-                return
-            now = time.perf_counter()
-            step_times.append(now - holder.get("t", now))
-            holder["t"] = now
-            step = done_steps + state.global_step
-            point = {"step": step} | {v: logs[k] for k, v in keys.items() if k in logs}
-            curve.append(point)
-            print(f"[train] ppo step {step}/{spec.steps} reward {point['reward']:.4f} kl {point['kl']:.4f} "
-                  f"policy loss {point.get('policy_loss', float('nan')):.4f}", flush=True)
-
-        def on_step_end(self, args, state, control, **kw):
-            step = done_steps + state.global_step
-            if spec.output_dir and step % spec.save_steps == 0 and step < spec.steps:
-                save_checkpoint(step)
-            crash_point(f"{spec.crash_prefix}/step{step}")
-
-    trainer = PPOTrainer(
-        args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
-        train_dataset=dataset, value_model=value, eval_dataset=dataset.select(range(min(len(dataset), spec.batch_size))),
-        callbacks=[_Progress()],
-    )
-    holder["trainer"] = trainer
-    if resume:
-        trainer.optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-    wrapper = trainer.accelerator.unwrap_model(trainer.model)
-    share_policy = trainable_share(wrapper.policy)
-    share_value = trainable_share(wrapper.value_model)
-    print(f"[train] PPO: policy {share_policy['trainable']:,} of {share_policy['total']:,} trainable "
-          f"({100 * share_policy['share']:.3f}%), value {100 * share_value['share']:.3f}%; rewards from {reward_desc}; "
-          f"rollouts by TRL (transformers generate)", flush=True)
-    if remaining > 0:
-        holder["t"] = time.perf_counter()
-        trainer.train()
+        reward_fn = lambda prompt, response: call_reward(fn, prompt, response, spec.reward_function)  # noqa: E731
+    result = run_ppo(spec, tokenizer=tokenizer, prompts=prompts,
+                     prompt_ids=[str(r.get("prompt_id", i)) for i, r in enumerate(rows)],
+                     queries=_tokenize_prompts(tokenizer, prompts), reward_fn=reward_fn,
+                     reward_error=RewardFunctionError, log=lambda line: print(line, flush=True))
     crash_point(f"{spec.crash_prefix}/before_save")
+    share = result.models.trainable_share()
     metrics = {
-        "steps": spec.steps, "prompts": len(prompts), "rollout_batch": rollout, "resumed_from": str(resume) if resume else None,
+        "steps": spec.steps, "prompts": len(prompts), "rollout_batch": spec.batch_size * spec.grad_accum,
+        "resumed_from": str(result.resumed_from) if result.resumed_from else None,
         "reward_source": "reward_model" if spec.reward_adapter else "function",
-        "trainable_policy": share_policy, "trainable_value": share_value, "lora": spec.lora,
-        "step_seconds": step_times, "peak_rss_mib": _peak_rss_mib(), "curve": curve,
+        "trainable_policy": share["policy"], "trainable_value": share["value"], "lora": spec.lora,
+        "rollout_backend": result.backend, "failed_rewards": result.failed, "rollouts": result.rollouts,
+        "step_seconds": result.step_seconds, "peak_rss_mib": _peak_rss_mib(), "curve": result.curve,
     }
     if spec.output_dir:
-        wrapper.policy.save_pretrained(spec.output_dir)
-        wrapper.value_model.save_pretrained(str(Path(spec.output_dir, "value")))
+        result.models.save_policy(Path(spec.output_dir))
+        result.models.save_value(Path(spec.output_dir, "value"))
         Path(spec.output_dir, "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -623,5 +438,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     sys.exit(main())

@@ -332,26 +332,6 @@ def test_reward_model_then_ppo_on_tiny_model(tmp_path, tiny_model_dir, rewards_f
     assert len(again["step_seconds"]) == 1
 
 
-def test_function_reward_splits_query_and_response(tiny_model_dir):
-    import torch
-
-    from alignment.perl_training import _tokenize_prompts, function_reward_model, load_tokenizer
-
-    tok = load_tokenizer(str(tiny_model_dir), padding_side="left")
-    prompts = ["Hello there?", "A longer question about things?"]
-    queries = _tokenize_prompts(tok, prompts)
-    seen = []
-    model = function_reward_model(lambda p, r: seen.append((p, r)) or float(len(r)), tok, queries, prompts)
-    resp = tok("Fine, thanks.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    width = max(len(q) for q in queries)
-    rows = [[tok.pad_token_id] * (width - len(q)) + q + resp + [tok.pad_token_id] for q in queries]
-    ids = torch.tensor(rows)
-    mask = ids != tok.pad_token_id
-    out = model.backbone(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask)
-    assert seen == [("Hello there?", "Fine, thanks."), ("A longer question about things?", "Fine, thanks.")]
-    assert out.hidden_states[-1].shape == (2, ids.shape[1], 1) and float(out.hidden_states[-1][0, -1, 0]) == len("Fine, thanks.")
-
-
 # ------------------------------------------------------------------------------ the flow
 def _write_recipe(path: Path, model, prompts: Path, prefs: Path | None, **overrides) -> Path:
     from alignment.config import apply_overrides
