@@ -82,8 +82,22 @@ def commit_run(path: Path, recipe: RecipeBase, data: dict, *, change: bool) -> t
             store.change_recipe(data, changes={k: list(v) for k, v in made.changes.items()}, affecting=made.affecting)
         else:
             made = None
-    store = RunStore.create(path, recipe=data, algorithm=recipe.algorithm, name=recipe.name)
+    store = RunStore.create(path, recipe=stored_form(path, data), algorithm=recipe.algorithm, name=recipe.name)
     return store, made
+
+
+def stored_form(path: str | Path, data: dict) -> dict:
+    """``data`` (a recipe dump), or the recipe stored in the run at ``path`` when that one reads as
+    ``data`` by today's schema: a run written before a field was added (its default then fills
+    it in) is the same run, and its recipe.yaml stays as it was written."""
+    if not (Path(path) / RUN_FILE).is_file():
+        return data
+    stored = RunStore.open(path).recipe()
+    try:
+        same = parse_recipe(stored, str(Path(path) / RECIPE_FILE)).model_dump(mode="json") == data
+    except RecipeError:  # damaged: RunStore.create names the difference
+        return data
+    return stored if same else data
 
 
 def open_run(run_dir: str | Path | None, recipe_path: str | Path | None, overrides: list[str]) -> tuple[RunStore, RecipeBase]:

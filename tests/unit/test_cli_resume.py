@@ -471,3 +471,26 @@ def test_console_shows_stage_lines_and_progress_and_logs_the_rest(tmp_path, reci
     out = proc.stdout + proc.stderr
     assert out.count(f"engine and library logs: {logs}/") == 1
     assert "Finished in state Completed()" in out and "iter 1 train: complete, skipped" in out
+
+
+@pytest.mark.parametrize("how", ["run", "resume"])
+def test_a_run_stored_before_a_new_recipe_field_still_resumes(recipe, tmp_path, how):
+    """A newer selfalign adds recipe fields with defaults (engine.base_url, eval ...). A run whose
+    recipe.yaml was written before them is the same recipe read by today's schema: `run` with the
+    same file and `resume` reopen it; they must not refuse it as "a different recipe"."""
+    import yaml
+
+    from alignment.runs import commit_run, load_for_run
+
+    r, data = load_recipe(recipe)
+    store = RunStore.create(tmp_path / "old", recipe=data, algorithm=r.algorithm, name=r.name)
+    stored = yaml.safe_load((store.root / "recipe.yaml").read_text())
+    del stored["engine"]["adapters"], stored["engine"]["cpu_threads"]  # as an older version wrote it
+    (store.root / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    before = _snapshot(store.root)
+    again, data, _ = load_for_run(store.root, recipe if how == "run" else None, [])
+    reopened, change = commit_run(store.root, again, data, change=False)
+    assert reopened.root == store.root and change is None
+    assert _snapshot(store.root) == before  # the stored recipe is left as it was written
+    with pytest.raises(Exception, match="different recipe"):  # a real difference is still refused
+        commit_run(store.root, *load_for_run(store.root, recipe, ["seed=5"])[:2], change=False)
