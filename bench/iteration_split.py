@@ -1,8 +1,9 @@
 """Where a run's wall time goes: the demo (tiny Self-Rewarding recipe) end to end, split per iteration.
 
     .venv/bin/python bench/iteration_split.py [--recipe recipes/tiny-self-rewarding.yaml] [--set KEY=VALUE ...]
+    .venv/bin/python bench/iteration_split.py --launchers   # subprocess vs in-process training, one after the other
 
-Runs ``selfalign run RECIPE`` as a user does (temporary Prefect server, vLLM, DPO in a subprocess)
+Runs ``selfalign run RECIPE`` as a user does (temporary Prefect server, vLLM, DPO)
 and splits the wall time from what the run directory records:
 
 - model calls:   generation and judging shards (``shard_done`` events), less the engine starts and
@@ -11,8 +12,9 @@ and splits the wall time from what the run directory records:
 - training:      the DPO job after its imports (model load, tokenization, steps, save:
                  ``job_seconds`` in the adapter's train_metrics.json), of which ``train_seconds``
                  are the optimizer loop;
-- trainer start: the train stage's wall less that job: starting the trainer process and its
-                 imports (torch, transformers, TRL), plus the stage's own writes;
+- trainer start: the train stage's wall less that job: starting the trainer (a process and its
+                 imports of torch, transformers, TRL; in the run's process, the TRL import only),
+                 plus the stage's own writes;
 - orchestration: everything else (Prefect tasks, hashing, manifests, events, artifacts, waits);
                  the CLI start and the temporary Prefect server's are shown apart, per run.
 
@@ -80,14 +82,11 @@ def split(events: list[dict], run_dir: Path, wall: float, started: float) -> tup
     return rows, total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-self-rewarding.yaml"))
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args()
+def run_and_split(recipe: str, overrides: list[str]) -> tuple[float, list[dict], dict]:
+    """``selfalign run RECIPE --set ...`` in a fresh run directory: (wall s, per-iteration rows, run totals)."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-split-")) / "run"
-    cmd = [str(REPO / ".venv" / "bin" / "selfalign"), "run", args.recipe, "--run-dir", str(run_dir)]
-    for o in args.overrides:
+    cmd = [str(REPO / ".venv" / "bin" / "selfalign"), "run", recipe, "--run-dir", str(run_dir)]
+    for o in overrides:
         cmd += ["--set", o]
     # The user's PREFECT_HOME, as a user runs it: a fresh one would add the database migrations
     # (~12 s here) that only a first run ever pays.
@@ -98,9 +97,12 @@ def main() -> None:
         sys.exit(f"run failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
     rows, total = split(events, run_dir, wall, started)
+    return wall, rows, total
 
-    print(f"\n== {Path(args.recipe).name} {' '.join(args.overrides)}: wall {wall:.1f}s "
-          f"({wall / 60:.1f} min), {len(rows)} iterations ==")
+
+def report(title: str, wall: float, rows: list[dict], total: dict) -> float:
+    """Print one run's split; return its orchestration share with the trainer starts (%)."""
+    print(f"\n== {title}: wall {wall:.1f}s ({wall / 60:.1f} min), {len(rows)} iterations ==")
     head = (f"{'iter':<6}{'wall s':>8}{'model':>8}{'engine':>8}{'merge':>7}{'training':>10}{'(steps)':>9}"
             f"{'trainer start':>15}{'orchestr.':>11}{'share':>8}")
     print(head)
@@ -110,9 +112,11 @@ def main() -> None:
               f"{100 * r['orchestration'] / r['window']:>7.1f}%")
     orch = sum(r["orchestration"] for r in rows) + total["startup"] + total["after"]
     starts = sum(r["trainer_start"] for r in rows)
+    per_iteration = sum(r["orchestration"] + r["trainer_start"] for r in rows) / sum(r["window"] for r in rows)
+    print(f"per iteration: orchestration + trainer start = {100 * per_iteration:.1f}% of the iterations' wall time")
     print(f"whole run: startup (CLI, Prefect server, recipe checks) {total['startup']:.1f}s, after the last stage "
           f"{total['after']:.1f}s; orchestration {orch:.1f}s = {100 * orch / wall:.1f}% of the wall time "
-          f"(with the trainer processes' starts: {100 * (orch + starts) / wall:.1f}%)")
+          f"(with the trainer starts: {100 * (orch + starts) / wall:.1f}%)")
     judges = [r["judge"] for r in rows if r["judge"]]
     if len(judges) >= 2:
         print(f"judge time: iteration 2 / iteration 1 = {judges[1]:.1f}s / {judges[0]:.1f}s = {judges[1] / judges[0]:.2f}")
@@ -122,6 +126,26 @@ def main() -> None:
         for c in curve:
             print(f"  {c.get('step'):>3} {c.get('loss', float('nan')):.4f} {c.get('rewards/margins', float('nan')):+.4f} "
                   f"{c.get('rewards/accuracies', float('nan')):.2f}")
+    return 100 * per_iteration
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-self-rewarding.yaml"))
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--launchers", action="store_true",
+                        help="run twice, training in a subprocess and with the default launcher (auto), side by side")
+    args = parser.parse_args()
+    if not args.launchers:
+        report(f"{Path(args.recipe).name} {' '.join(args.overrides)}", *run_and_split(args.recipe, args.overrides))
+        return
+    walls = {}
+    for launcher in ("subprocess", "auto"):
+        result = run_and_split(args.recipe, [*args.overrides, f"train.launcher={launcher}"])
+        walls[launcher] = result[0]
+        report(f"{Path(args.recipe).name} train.launcher={launcher}", *result)
+    print(f"\ndemo wall: launcher auto / subprocess = {walls['auto']:.1f}s / {walls['subprocess']:.1f}s "
+          f"= {walls['auto'] / walls['subprocess']:.2f}")
 
 
 if __name__ == "__main__":
