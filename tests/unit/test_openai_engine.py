@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -72,6 +74,7 @@ class FakeServer:
         if path == "/models":
             return 200, MODELS
         if path == "/chat/completions":
+            time.sleep(0.05)  # a request takes a while, so every server's threads get some of a call's requests
             return 200, chat_answer(body)
         if path == "/load_lora_adapter":
             return 200, b"Success"
@@ -140,6 +143,7 @@ def test_serve_command_has_lora_and_the_cpu_seedable_settings():
                                                on_gpu=True)
     env = vllm_serve_env(on_gpu=False, cpu_threads=1)
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and "VLLM_CPU_OMP_THREADS_BIND" in env
+    assert int(env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"]) >= 3600 or "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" in os.environ
 
 
 def test_recipe_fields(tmp_path):
