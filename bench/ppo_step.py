@@ -14,7 +14,8 @@ process) is sampled every 0.2 s for the peak. Jobs:
 
 Reported: median seconds per PPO step over steps 2..N (step 1 includes warm-up), the first step,
 the job's wall time (model loading and engine start included), peak RSS, and ratios to TRL's.
-TRL's side needs ``trl<1.13`` (the last line with ``trl.experimental.ppo``).
+TRL's side runs TRL 1.12 (the last line with ``trl.experimental.ppo``) from ``.venv/trl-1.12``,
+which ``make install`` puts there, off the venv's path.
 
     python bench/ppo_step.py                     # embedded SmolLM2-135M, CPU, 3 steps x 4 prompts
     python bench/ppo_step.py --steps 4 --batch-size 8 --response-length 48 --jobs ours-vllm,trl
@@ -187,8 +188,11 @@ def main() -> int:
         spec_path.write_text(json.dumps(asdict(spec)))
         cmd = ([sys.executable, str(Path(__file__).resolve()), "--trl-job", str(spec_path)] if job == "trl" else
                [sys.executable, "-m", "alignment.perl_training", "ppo", str(spec_path)])
+        job_env = env | {"SELFALIGN_METRICS_OUT": str(out)}
+        if job == "trl":  # TRL 1.12 ahead of the venv's current TRL
+            job_env["PYTHONPATH"] = os.pathsep.join([str(REPO / ".venv" / "trl-1.12"), str(REPO)])
         print(f"running {job} ...", flush=True)
-        wall, peak = run_measured(cmd, env | {"SELFALIGN_METRICS_OUT": str(out)}, work / f"{job}.log")
+        wall, peak = run_measured(cmd, job_env, work / f"{job}.log")
         m = json.loads(out.read_text())
         times = m["step_seconds"]
         rows.append({"job": job, "step_s": statistics.median(times[1:] if len(times) > 1 else times),
