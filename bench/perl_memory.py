@@ -4,7 +4,8 @@ The same steps (same data, batch sizes, lengths, seed) run four times, each in a
 ``python -m alignment.perl_training rm|ppo SPEC.json`` process so each peak RSS is clean:
 
     RM  LoRA (r=8 on q/k/v/o + score head)   vs   RM  full (every parameter)
-    PPO LoRA policy + LoRA value              vs   PPO full policy + full value (+ TRL's copy as reference)
+    PPO LoRA policy + LoRA value              (our PPO loop trains adapters only: there is no full mode to
+                                               compare; the README's PPO "full" figures were TRL's PPOTrainer)
 
 PPO in both cases scores rollouts with the same frozen reward model (the LoRA RM trained in the
 first job, merged). Reported: peak RSS of the process (model load included: that is what a
@@ -76,7 +77,7 @@ def main() -> int:
         results[f"rm_{mode}"] = run_job("rm", spec, work, f"rm-{mode}")
         print(f"rm {mode}: peak RSS {results[f'rm_{mode}']['peak_rss_mib']:.0f} MiB, "
               f"{step_time(results[f'rm_{mode}']):.2f} s/step", flush=True)
-    for mode, lora in (("lora", dict(DEFAULT_LORA)), ("full", None)):
+    for mode, lora in (("lora", dict(DEFAULT_LORA)),):
         spec = PPOSpec(base=base, prompts=str(work / "prompts.jsonl"), output_dir="", checkpoint_dir="",
                        reward_adapter=str(work / "rm"), steps=args.ppo_steps, batch_size=args.batch_size,
                        num_ppo_epochs=4, response_length=args.response_length, learning_rate=1e-4 if lora else 1e-5,
@@ -87,20 +88,25 @@ def main() -> int:
 
     rows = []
     for job in ("rm", "ppo"):
-        lo, fu = results[f"{job}_lora"], results[f"{job}_full"]
+        lo, fu = results[f"{job}_lora"], results.get(f"{job}_full")
         share = (lo.get("trainable") or lo.get("trainable_policy"))["share"]
         rows.append({
             "job": job, "trainable_share_lora": share,
-            "peak_rss_mib_lora": round(lo["peak_rss_mib"]), "peak_rss_mib_full": round(fu["peak_rss_mib"]),
-            "rss_ratio_full_over_lora": fu["peak_rss_mib"] / lo["peak_rss_mib"],
-            "step_s_lora": step_time(lo), "step_s_full": step_time(fu),
-            "time_ratio_full_over_lora": step_time(fu) / step_time(lo),
+            "peak_rss_mib_lora": round(lo["peak_rss_mib"]), "peak_rss_mib_full": round(fu["peak_rss_mib"]) if fu else None,
+            "rss_ratio_full_over_lora": fu["peak_rss_mib"] / lo["peak_rss_mib"] if fu else None,
+            "step_s_lora": step_time(lo), "step_s_full": step_time(fu) if fu else None,
+            "time_ratio_full_over_lora": step_time(fu) / step_time(lo) if fu else None,
         })
     print(f"\nmodel {args.model}; RM {args.rm_steps} steps, PPO {args.ppo_steps} updates; batch {args.batch_size}")
     print(f"{'job':4} {'LoRA share':>10} {'RSS LoRA':>9} {'RSS full':>9} {'full/LoRA':>9} {'s LoRA':>7} {'s full':>7} {'full/LoRA':>9}")
+
+    def cell(value, fmt: str, width: int) -> str:
+        return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}}"
+
     for r in rows:
-        print(f"{r['job']:4} {100 * r['trainable_share_lora']:9.2f}% {r['peak_rss_mib_lora']:8d}M {r['peak_rss_mib_full']:8d}M "
-              f"{r['rss_ratio_full_over_lora']:9.2f} {r['step_s_lora']:7.2f} {r['step_s_full']:7.2f} {r['time_ratio_full_over_lora']:9.2f}")
+        print(f"{r['job']:4} {100 * r['trainable_share_lora']:9.2f}% {r['peak_rss_mib_lora']:8d}M "
+              f"{cell(r['peak_rss_mib_full'], 'd', 8)}M {cell(r['rss_ratio_full_over_lora'], '.2f', 9)} "
+              f"{r['step_s_lora']:7.2f} {cell(r['step_s_full'], '.2f', 7)} {cell(r['time_ratio_full_over_lora'], '.2f', 9)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=1))
     return 0
