@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test workers, one per core (tests/conftest.py pins each to its own core); JOBS=0 runs in one process.
-# Files go to workers in collection order: the long embedded-model files (tests/integration) first.
+# Each file runs on one worker (its module and session fixtures are built once), in collection
+# order: the long embedded-model files (tests/integration) first.
 JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
 
 ifeq ($(GPU),1)
@@ -50,10 +51,10 @@ browser:
 	  || echo "chromium not installed: the browser test will be skipped"; }
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --no-loadscope-reorder -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder -m "not integration" $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start

@@ -36,16 +36,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import prefect  # noqa: E402,F401
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n N --dist loadgroup`` every test file runs on one worker (its module and
-    session fixtures are built once), and the tests reading the shared embedded-model run
-    (``sr_vllm_run``, in two files) run on the same worker."""
-    for item in items:
-        shared = "sr_vllm_run" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("sr_vllm_run" if shared else item.nodeid.split("::")[0]))
-
-
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The embedded SmolLM2-135M as a safetensors directory (converted once, then cached)."""
