@@ -9,7 +9,7 @@ names the file and the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -223,7 +223,6 @@ class RecipeBase(StrictModel):
     engine: EngineConfig = EngineConfig()
     review: ReviewConfig = ReviewConfig()
 
-    STAGES: ClassVar[list[str]] = []  # stage names per iteration, in order (for `selfalign status`)
 
     def preflight(self) -> None:
         """Load what the run will read (datasets, reward functions) so user mistakes fail
@@ -246,7 +245,6 @@ class SelfRewardingRecipe(RecipeBase):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
-    STAGES: ClassVar[list[str]] = ["prompts", "generate", "judge", "pairs", "train"]
 
     def preflight(self) -> None:
         from alignment.data import load_prompts

@@ -1,4 +1,7 @@
-"""What every iterative algorithm's run shares: the model chain M_t and one generation engine.
+"""A run of one algorithm: its stage list, the model chain M_t and one generation engine.
+
+``Run.iteration(t)`` executes the algorithm's stages of iteration t in order through
+``alignment.stages.execute`` (the flows do the same, one Prefect task per stage).
 
 M_1 is the recipe's model; M_{t+1} = the same base + the LoRA adapter trained in iteration t
 (recorded in ``iter_<t>/train/manifest.json``, relative to the run directory so a run can be
@@ -13,10 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from alignment.adapter_serving import MergedAdapters, serving_mode
-from alignment.config import result_dump
 from alignment.generation import EngineSpec, Generator, choose_backend, has_cuda, open_generator
 from alignment.models import ResolvedModel, adapter_rank, merge_adapter, resolve, with_adapter
-from alignment.stages import Log, Progress
+from alignment.stages import Algorithm, Log, Progress, execute
 from alignment.store import RunStore, hash_obj, sha256_file
 
 
@@ -34,13 +36,15 @@ def lora_rank_slot(r: int) -> int:
 
 
 @dataclass
-class IterativeRun:
+class Run:
     store: RunStore
     recipe: object  # the algorithm's recipe model (alignment.config.RecipeBase subclass)
+    algorithm: Algorithm
     log: Log = print
     progress: Callable[[str, int], Progress] | None = None  # (stage, t) -> progress callback
     _generator: Generator | None = field(default=None, repr=False)
     _base: ResolvedModel | None = field(default=None, repr=False)
+    _tokenizer: object = field(default=None, repr=False)
 
     # ---- the model chain ---------------------------------------------------------------
     @property
@@ -73,7 +77,7 @@ class IterativeRun:
         served = {"served": "merged"} if self.adapter_serving() == "merged" else {}
         return hash_obj({"model": self.recipe.model, "adapter": adapter_digest(m.adapter)} | served)
 
-    def _rel(self, path: str | Path | None) -> str | None:
+    def rel(self, path: str | Path | None) -> str | None:
         """How a manifest records an adapter: relative to the run directory when inside it (the run
         can be moved), else absolute (the recipe's own adapter, which M_{t+1} keeps when iteration t
         trains nothing). ``adapter`` reads either: ``root / absolute`` is the absolute path."""
@@ -82,14 +86,22 @@ class IterativeRun:
         p = Path(path).resolve()
         return p.relative_to(self.store.root.resolve()).as_posix() if p.is_relative_to(self.store.root.resolve()) else str(p)
 
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Token counts of texts under the base model's tokenizer (loaded once)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base.base)
+        return [len(ids) for ids in self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
     # ---- the engine --------------------------------------------------------------------
     def needs_lora(self) -> bool:
-        """Whether the engine must serve adapters (later iterations, or an adapter as the model)."""
-        return self.recipe.iterations > 1 or self.base.adapter is not None
+        """Whether the engine must serve adapters: an adapter as the model, or the algorithm's own reasons."""
+        return self.base.adapter is not None or self.algorithm.needs_lora(self)
 
     def lora_rank(self) -> int:
         """The LoRA rank of the adapters this run trains (the engine also fits the recipe's own adapter)."""
-        return self.recipe.train.lora.r
+        return self.algorithm.lora_rank(self.recipe)
 
     def adapter_serving(self) -> str:
         """``lora`` or ``merged``: the recipe's ``engine.adapters`` with ``auto`` resolved for this
@@ -100,17 +112,17 @@ class IterativeRun:
         """base + ``adapter`` merged, built once per adapter content in ``RUN/merged/<digest>``."""
         out = self.store.root / "merged" / adapter_digest(adapter)[:16]
         if not (out / "config.json").is_file():
-            self.log(f"merging adapter {self._rel(adapter)} into the base -> {self._rel(out)}")
+            self.log(f"merging adapter {self.rel(adapter)} into the base -> {self.rel(out)}")
             started = time.monotonic()
             merge_adapter(self.base.base, adapter, out)
-            self.store.log_event("adapter_merged", adapter=self._rel(adapter), seconds=round(time.monotonic() - started, 2))
+            self.store.log_event("adapter_merged", adapter=self.rel(adapter), seconds=round(time.monotonic() - started, 2))
         return str(out)
 
     def open_engine(self, spec: EngineSpec) -> Generator:
         """Start an engine, recording an ``engine_started`` event with the seconds it took."""
         started = time.monotonic()
         engine = open_generator(spec)
-        self.store.log_event("engine_started", backend=engine.backend, model=self._rel(spec.base),
+        self.store.log_event("engine_started", backend=engine.backend, model=self.rel(spec.base),
                              seconds=round(time.monotonic() - started, 2))
         return engine
 
@@ -147,12 +159,23 @@ class IterativeRun:
         self._generator = None
         return True
 
-    # ---- stage helpers -----------------------------------------------------------------
-    def _section_hash(self, *names: str, **extra) -> str:
-        """Hash of the recipe sections a stage depends on (so changing train.beta redoes
-        training, not generation), plus backend and seed."""
-        data = result_dump(self.recipe)  # without fields declared NO_EFFECT (save_steps, launcher ...)
-        return hash_obj({n: data[n] for n in names} | {"backend": data["engine"]["backend"], "seed": data["seed"]} | extra)
-
-    def _progress(self, stage: str, t: int) -> Progress | None:
+    # ---- stages --------------------------------------------------------------------------
+    def stage_progress(self, stage: str, t: int) -> Progress | None:
         return self.progress(stage, t) if self.progress else None
+
+    def iterations(self) -> range:
+        return range(1, self.recipe.iterations + 1)
+
+    def run_stage(self, name: str, t: int) -> dict | None:
+        """Execute one stage of iteration t (skipped if current); its manifest's info."""
+        return execute(self, self.algorithm.stage(name), t)
+
+    def iteration(self, t: int) -> dict:
+        """Every stage of iteration t in order, then the iteration's metrics."""
+        for stage in self.algorithm.stages:
+            execute(self, stage, t)
+        return self.metrics(t)
+
+    def metrics(self, t: int) -> dict:
+        """The iteration's metrics, written to ``iter_<t>/metrics.json``."""
+        return self.algorithm.metrics(self, t)

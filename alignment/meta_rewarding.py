@@ -9,7 +9,7 @@
         judge pair: highest- vs lowest-rated judgment under the cap     (judge_pairs)
     one DPO step on actor pairs + judge pairs → M_{t+1}                 (train)
 
-Actor and judge pairs are trained together in ONE DPO step (``extra_training_rows``), as in
+Actor and judge pairs are trained together in ONE DPO step (``compute_train``), as in
 the paper (its Fig. 1: "both preference pair sets are used together to train the model for
 the next iteration"). Why not two steps: one model plays every role, so M_{t+1} must be one
 adapter on top of M_t with one reference model (M_t). Two sequential DPO steps would need the
@@ -22,8 +22,9 @@ iterations the three meta stages commit empty tables and make no meta-judge call
 meta-judge is the expensive part (k(k−1) calls per prompt, 110 for N = 11).
 
 The math (variance pick, battle plan, position weights, Bradley–Terry, judge pair) is in
-``alignment.meta_judge``; the stage methods here only read tables, call it and the model, and
-commit through ``store``. Nothing here imports Prefect.
+``alignment.meta_judge``; the stage functions here only read tables, call it and the model;
+``META_REWARDING`` is Self-Rewarding's stage list with its pairs taking ρ_t, the three judge
+stages inserted after them, and the judge pairs added to training. Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import collections
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from alignment.generation import Generator, Sampling, derive_seed
 from alignment.judge import judge_prompt
@@ -47,14 +48,12 @@ from alignment.meta_judge import (
     rate_judgments,
     valid_judgment_indices,
 )
-from alignment.meta_rewarding_config import MetaRewardingRecipe
+from alignment import self_rewarding as sr
+from alignment.dpo_stage import dpo_output
 from alignment.pairs import build_pairs, group_by_prompt, tie_rate
 from alignment.prompts import render
-from alignment.self_rewarding import SelfRewardingRun
-from alignment.stages import run_sharded, run_table_stage, shard_key
-from alignment.store import hash_obj
-
-STAGES = MetaRewardingRecipe.STAGES
+from alignment.self_rewarding import train_rows
+from alignment.stages import Algorithm, Stage, Table, insert_after, replace_stage
 # logprob mode: the reasoning is cut at "Winner:", this is appended, and the next token decides.
 VERDICT_PREFIX = "\nWinner: Judgment"
 VERDICT_TOKENS = {"A": " A", "B": " B"}
@@ -376,168 +375,155 @@ def length_stats(pair_rows: Sequence[dict], judge_rows: Sequence[dict]) -> dict:
     }
 
 
-# ------------------------------------------------------------------------------ the run
-class MetaRewardingRun(SelfRewardingRun):
-    """Self-Rewarding's stages plus meta_judge → elo → judge_pairs; one DPO step for both roles."""
+# ---------------------------------------------------------------------------------- stages
+def compute_pairs(run, t: int, ctx) -> Table:
+    """Actor pairs with this iteration's ρ; tie rates under both score modes; length stats."""
+    judged = run.store.read_rows(t, "judge")
+    rows, stats = build_pairs(judged, rho=run.recipe.pairs.rho_for(t))
+    return Table(rows, stats | tie_rates(judged) | length_stats(rows, judged))
 
-    recipe: MetaRewardingRecipe
 
-    # ---- helpers -----------------------------------------------------------------------
-    def _hash(self, **parts) -> str:
-        """Recipe hash of exactly the settings a stage depends on (plus backend and seed), so
-        changing e.g. the length cap redoes judge_pairs but not the expensive meta-judging."""
-        data = self.recipe.model_dump(mode="json")
-        return hash_obj(parts | {"backend": data["engine"]["backend"], "seed": data["seed"]})
+def report_pairs(run, t: int, s: dict) -> None:
+    run.log(f"iter {t} pairs (rho={s['rho']}): {s['pairs']} pairs from {s['prompts']} prompts "
+            f"({s['ties']} ties, {s['unscored']} unscored); chosen/rejected mean length "
+            f"{_fmt(s['chosen_mean_length'])}/{_fmt(s['rejected_mean_length'])} tokens "
+            f"(all responses {_fmt(s['response_mean_length'])}); tie rate int {_fmt(s['tie_rate_int'], 2)}, "
+            f"expected {_fmt(s['tie_rate_expected'], 2)}")
 
-    def _meta_items(self, t: int) -> tuple[list[dict], list[str]]:
-        return meta_items(self.store.read_rows(t, "judge"))
 
-    def _skip_meta(self, t: int, stage: str, inputs: dict, recipe_hash: str) -> str:
-        def compute():
-            self.log(f"iter {t} {stage}: judge training is off in this iteration "
-                     f"(meta_judge.train_judge_iterations={self.recipe.meta_judge.train_judge_iterations}); nothing to do")
-            return [], {"judge_training": False}
+def judge_training_off(run, t: int, stage: str) -> Table:
+    """The empty table a meta stage commits in an iteration that does not train the judge."""
+    run.log(f"iter {t} {stage}: judge training is off in this iteration "
+            f"(meta_judge.train_judge_iterations={run.recipe.meta_judge.train_judge_iterations}); nothing to do")
+    return Table([], {"judge_training": False})
 
-        return run_table_stage(self.store, t, stage, inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
 
-    # ---- stages ------------------------------------------------------------------------
-    def pairs(self, t: int) -> dict:
-        """Actor pairs with this iteration's ρ; tie rates under both score modes; length stats."""
-        rho = self.recipe.pairs.rho_for(t)
-        inputs = {"judge": self.store.output_hash(t, "judge")}
+def compute_meta_judge(run, t: int, ctx) -> Table:
+    """M_t compares every pair of judgments of each prompt's most-disputed response, both orders."""
+    if not run.recipe.trains_judge(t):
+        return judge_training_off(run, t, "meta_judge")
+    m = run.recipe.meta_judge
+    settings = MetaJudgeSettings(mode=m.mode, temperature=m.temperature, top_p=m.top_p, max_tokens=m.max_tokens,
+                                 debias_position=m.debias_position, min_verdict_mass=m.min_verdict_mass)
+    items, agree = meta_items(run.store.read_rows(t, "judge"))
+    adapter = run.model(t).adapter
+    # One item per prompt; a shard is shard_size prompts (each k(k-1) meta-judge calls).
+    rows = ctx.shards(items, lambda chunk, i: meta_judge_battles(
+        run.generator(), chunk, settings, adapter=adapter, seed=derive_seed(run.recipe.seed, t, "meta_judge")))
+    stats = {"judge_training": True, "prompts": len(items) + len(agree), "meta_prompts": len(items),
+             "all_agree": len(agree), "all_agree_ids": agree[:LIST_LIMIT]} | battle_stats(rows)
+    if agree:
+        run.log(f"iter {t} meta_judge: {len(agree)} prompts have judgments that all agree: no judge pair "
+                f"from them (e.g. {', '.join(agree[:3])})")
+    run.log(f"iter {t} meta_judge: {stats['battles']} battles over {len(items)} prompts, "
+            f"{stats['failed_battles']} failed (no verdict); position wins A/B {stats['wins_a']}/{stats['wins_b']}")
+    return Table(rows, stats)
 
-        def compute():
-            judged = self.store.read_rows(t, "judge")
-            rows, stats = build_pairs(judged, rho=rho)
-            return rows, stats | tie_rates(judged) | length_stats(rows, judged)
 
-        run_table_stage(self.store, t, "pairs", inputs=inputs, recipe_hash=self._hash(pairs={"rho": rho}),
-                        compute=compute, log=self.log)
-        s = self.store.manifest(t, "pairs")["info"]
-        self.log(f"iter {t} pairs (rho={s['rho']}): {s['pairs']} pairs from {s['prompts']} prompts "
-                 f"({s['ties']} ties, {s['unscored']} unscored); chosen/rejected mean length "
-                 f"{_fmt(s['chosen_mean_length'])}/{_fmt(s['rejected_mean_length'])} tokens "
-                 f"(all responses {_fmt(s['response_mean_length'])}); tie rate int {_fmt(s['tie_rate_int'], 2)}, "
-                 f"expected {_fmt(s['tie_rate_expected'], 2)}")
-        return s
+def compute_elo(run, t: int, ctx) -> Table:
+    """Position-weighted Bradley–Terry (Elo-scale) ratings of each meta-judged response's judgments."""
+    if not run.recipe.trains_judge(t):
+        return judge_training_off(run, t, "elo")
+    m = run.recipe.meta_judge
+    items, agree = meta_items(run.store.read_rows(t, "judge"))
+    battles = run.store.read_rows(t, "meta_judge")
+    # The judge table keeps judgment texts, not their lengths.
+    lengths = {(i["prompt_id"], i["response_index"]): run.token_lengths(i["judgments"]) for i in items}
+    rows = rate_items(items, battles, lengths, prior=m.prior, pooled=m.position_weights == "iteration",
+                      length_cap=m.length_cap)
+    rated = [r for r in rows if r["rating"] is not None]
+    return Table(rows, {"judge_training": True, "meta_prompts": len(items), "all_agree": len(agree),
+                        "judgments": len(rows), "rated": len(rated), "eligible": sum(r["eligible"] for r in rows),
+                        "rating_spread_mean": _mean(_spreads(rows))})
 
-    def meta_judge(self, t: int) -> str:
-        """M_t compares every pair of judgments of each prompt's most-disputed response, both orders."""
-        m = self.recipe.meta_judge
-        on = self.recipe.trains_judge(t)
-        inputs = {"judge": self.store.output_hash(t, "judge"), "judge_training": str(on)}
-        if on:
-            inputs["model"] = self.model_hash(t)  # M_t meta-judges
-        recipe_hash = self._hash(meta_judge={"mode": m.mode, "temperature": m.temperature, "top_p": m.top_p,
-                                             "max_tokens": m.max_tokens, "debias_position": m.debias_position,
-                                             "min_verdict_mass": m.min_verdict_mass, "on": on})
-        if not on:
-            return self._skip_meta(t, "meta_judge", inputs, recipe_hash)
-        settings = MetaJudgeSettings(mode=m.mode, temperature=m.temperature, top_p=m.top_p, max_tokens=m.max_tokens,
-                                     debias_position=m.debias_position, min_verdict_mass=m.min_verdict_mass)
 
-        def compute():
-            items, agree = self._meta_items(t)
-            adapter = self.model(t).adapter
-            # One item per prompt; a shard is shard_size prompts (each k(k-1) meta-judge calls).
-            rows = run_sharded(
-                self.store, t, "meta_judge", items, shard_size=self.recipe.engine.shard_size,
-                key=shard_key(inputs, recipe_hash), log=self.log, progress=self._progress("meta_judge", t),
-                compute=lambda chunk, i: meta_judge_battles(
-                    self.generator(), chunk, settings, adapter=adapter,
-                    seed=derive_seed(self.recipe.seed, t, "meta_judge")),
-            )
-            stats = {"judge_training": True, "prompts": len(items) + len(agree), "meta_prompts": len(items),
-                     "all_agree": len(agree), "all_agree_ids": agree[:LIST_LIMIT]} | battle_stats(rows)
-            if agree:
-                self.log(f"iter {t} meta_judge: {len(agree)} prompts have judgments that all agree: no judge pair "
-                         f"from them (e.g. {', '.join(agree[:3])})")
-            self.log(f"iter {t} meta_judge: {stats['battles']} battles over {len(items)} prompts, "
-                     f"{stats['failed_battles']} failed (no verdict); position wins A/B {stats['wins_a']}/{stats['wins_b']}")
-            return rows, stats
+def compute_judge_pairs(run, t: int, ctx) -> Table:
+    """Highest- vs lowest-rated judgment per prompt: the judge's DPO pairs."""
+    if not run.recipe.trains_judge(t):
+        return judge_training_off(run, t, "judge_pairs")
+    items, agree = meta_items(run.store.read_rows(t, "judge"))
+    rows, stats = build_judge_pair_rows(items, run.store.read_rows(t, "elo"), run.recipe.meta_judge.length_cap)
+    return Table(rows, {"judge_training": True, "prompts": len(items) + len(agree), "all_agree": len(agree)} | stats)
 
-        return run_table_stage(self.store, t, "meta_judge", inputs=inputs, recipe_hash=recipe_hash,
-                               compute=compute, log=self.log)
 
-    def elo(self, t: int) -> str:
-        """Position-weighted Bradley–Terry (Elo-scale) ratings of each meta-judged response's judgments."""
-        m = self.recipe.meta_judge
-        on = self.recipe.trains_judge(t)
-        inputs = {"judge": self.store.output_hash(t, "judge"), "meta_judge": self.store.output_hash(t, "meta_judge")}
-        recipe_hash = self._hash(elo={"prior": m.prior, "position_weights": m.position_weights,
-                                      "length_cap": m.length_cap, "on": on})
-        if not on:
-            return self._skip_meta(t, "elo", inputs, recipe_hash)
+def report_judge_pairs(run, t: int, s: dict) -> None:
+    if not s.get("judge_training"):
+        return
+    run.log(f"iter {t} judge_pairs: {s['judge_pairs']} judge pairs from {s['prompts']} prompts "
+            f"({s['all_agree']} all-agree, {s['no_pair']} without a preference); chosen/rejected judgment "
+            f"length {_fmt(s['chosen_mean_length'])}/{_fmt(s['rejected_mean_length'])} tokens")
+    if s["judge_pairs"] == 0:
+        run.log(f"WARNING iter {t} judge_pairs: no judge pairs; this iteration trains the actor only")
 
-        def compute():
-            items, agree = self._meta_items(t)
-            battles = self.store.read_rows(t, "meta_judge")
-            # The judge table keeps judgment texts, not their lengths.
-            lengths = {(i["prompt_id"], i["response_index"]): self.token_lengths(i["judgments"]) for i in items}
-            rows = rate_items(items, battles, lengths, prior=m.prior, pooled=m.position_weights == "iteration",
-                              length_cap=m.length_cap)
-            rated = [r for r in rows if r["rating"] is not None]
-            info = {"judge_training": True, "meta_prompts": len(items), "all_agree": len(agree),
-                    "judgments": len(rows), "rated": len(rated), "eligible": sum(r["eligible"] for r in rows),
-                    "rating_spread_mean": _mean(_spreads(rows))}
-            return rows, info
 
-        return run_table_stage(self.store, t, "elo", inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
+def judge_training_rows(run, t: int) -> list[dict]:
+    """The judge pairs of iteration t as DPO rows (none when it does not train the judge)."""
+    if not run.recipe.trains_judge(t):
+        return []
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in run.store.read_rows(t, "judge_pairs")]
 
-    def judge_pairs(self, t: int) -> dict:
-        """Highest- vs lowest-rated judgment per prompt: the judge's DPO pairs."""
-        m = self.recipe.meta_judge
-        on = self.recipe.trains_judge(t)
-        inputs = {"judge": self.store.output_hash(t, "judge"), "elo": self.store.output_hash(t, "elo")}
-        recipe_hash = self._hash(judge_pairs={"length_cap": m.length_cap, "on": on})
-        if not on:
-            self._skip_meta(t, "judge_pairs", inputs, recipe_hash)
-            return self.store.manifest(t, "judge_pairs")["info"]
 
-        def compute():
-            items, agree = self._meta_items(t)
-            rows, stats = build_judge_pair_rows(items, self.store.read_rows(t, "elo"), m.length_cap)
-            return rows, {"judge_training": True, "prompts": len(items) + len(agree), "all_agree": len(agree)} | stats
+def compute_train(run, t: int, ctx):
+    """One DPO step on the actor pairs and (in judge-training iterations) the judge pairs."""
+    rows, applied = train_rows(run, t)
+    rows += [r | {"kind": "judge"} for r in judge_training_rows(run, t)]
+    return dpo_output(run, t, ctx, rows, beta=run.recipe.train.beta, info={"corrections": applied})
 
-        run_table_stage(self.store, t, "judge_pairs", inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
-        s = self.store.manifest(t, "judge_pairs")["info"]
-        self.log(f"iter {t} judge_pairs: {s['judge_pairs']} judge pairs from {s['prompts']} prompts "
-                 f"({s['all_agree']} all-agree, {s['no_pair']} without a preference); chosen/rejected judgment "
-                 f"length {_fmt(s['chosen_mean_length'])}/{_fmt(s['rejected_mean_length'])} tokens")
-        if s["judge_pairs"] == 0:
-            self.log(f"WARNING iter {t} judge_pairs: no judge pairs; this iteration trains the actor only")
-        return s
 
-    # ---- training: actor and judge pairs in one DPO step ---------------------------------
-    def train_inputs(self, t: int) -> dict:
-        inputs = super().train_inputs(t)
-        if self.recipe.trains_judge(t):
-            inputs["judge_pairs"] = self.store.output_hash(t, "judge_pairs")
-        return inputs
+def judge_training(run, t: int) -> dict:
+    """Whether iteration t trains the judge (the meta stages commit empty tables when not)."""
+    return {"on": run.recipe.trains_judge(t)}
 
-    def extra_training_rows(self, t: int) -> list[dict]:
-        """The judge pairs of iteration t (if it trains the judge), mixed into the actor's DPO data."""
-        if not self.recipe.trains_judge(t):
-            return []
-        return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.store.read_rows(t, "judge_pairs")]
 
-    # ---- reporting ---------------------------------------------------------------------
-    def metrics(self, t: int) -> dict:
-        out = super().metrics(t)
-        for stage in ("meta_judge", "elo", "judge_pairs"):
-            manifest = self.store.manifest(t, stage)
-            out[stage] = manifest["info"] if manifest else None
-        p, jp = out["pairs"], out["judge_pairs"] or {}
-        out["length"] = {
-            "iteration": t, "rho": p.get("rho"), "actor_pairs": p.get("pairs"),
-            "chosen_mean_length": p.get("chosen_mean_length"), "rejected_mean_length": p.get("rejected_mean_length"),
-            "length_gap": p.get("length_gap"), "response_mean_length": p.get("response_mean_length"),
-            "judge_pairs": jp.get("judge_pairs", 0),
-            "judge_chosen_mean_length": jp.get("chosen_mean_length"),
-            "judge_rejected_mean_length": jp.get("rejected_mean_length"),
-        }
-        self.store.write_json(t, "metrics.json", out)
-        return out
+def meta_judge_inputs(run, t: int) -> dict:
+    on = run.recipe.trains_judge(t)
+    return {"judge_training": str(on)} | ({"model": run.model_hash(t)} if on else {})  # M_t meta-judges
+
+
+def train_inputs(run, t: int) -> dict:
+    return {"judge_pairs": run.store.output_hash(t, "judge_pairs")} if run.recipe.trains_judge(t) else {}
+
+
+MJ = "meta_judge."
+PAIRS = Stage("pairs", compute_pairs, reads=("judge",), settings=lambda run, t: {"rho": run.recipe.pairs.rho_for(t)},
+              report=report_pairs)
+META_JUDGE = Stage("meta_judge", compute_meta_judge, reads=("judge",), inputs=meta_judge_inputs, sharded=True,
+                   fields=tuple(MJ + f for f in ("mode", "temperature", "top_p", "max_tokens", "debias_position",
+                                                 "min_verdict_mass")), settings=judge_training)
+ELO = Stage("elo", compute_elo, reads=("judge", "meta_judge"), settings=judge_training,
+            fields=(MJ + "prior", MJ + "position_weights", MJ + "length_cap"))
+JUDGE_PAIRS = Stage("judge_pairs", compute_judge_pairs, reads=("judge", "elo"), fields=(MJ + "length_cap",),
+                    settings=judge_training, report=report_judge_pairs)
+TRAIN = replace(sr.TRAIN, compute=compute_train, inputs=train_inputs)
+
+META_REWARDING = Algorithm(
+    "meta-rewarding",
+    # Self-Rewarding's stages, its pairs with ρ_t, the three judge-training stages, and both pair sets trained.
+    insert_after(replace_stage(replace_stage(sr.SELF_REWARDING.stages, PAIRS), TRAIN), "pairs",
+                 (META_JUDGE, ELO, JUDGE_PAIRS)),
+    metrics=lambda run, t: metrics(run, t),
+    needs_lora=sr.SELF_REWARDING.needs_lora, lora_rank=sr.SELF_REWARDING.lora_rank,
+)
+
+
+# ---------------------------------------------------------------------------------- reporting
+def metrics(run, t: int) -> dict:
+    """Self-Rewarding's metrics plus the meta stages' info and the length stats of iteration t."""
+    out = sr.iteration_metrics(run, t)
+    for stage in ("meta_judge", "elo", "judge_pairs"):
+        manifest = run.store.manifest(t, stage)
+        out[stage] = manifest["info"] if manifest else None
+    p, jp = out["pairs"], out["judge_pairs"] or {}
+    out["length"] = {
+        "iteration": t, "rho": p.get("rho"), "actor_pairs": p.get("pairs"),
+        "chosen_mean_length": p.get("chosen_mean_length"), "rejected_mean_length": p.get("rejected_mean_length"),
+        "length_gap": p.get("length_gap"), "response_mean_length": p.get("response_mean_length"),
+        "judge_pairs": jp.get("judge_pairs", 0),
+        "judge_chosen_mean_length": jp.get("chosen_mean_length"),
+        "judge_rejected_mean_length": jp.get("rejected_mean_length"),
+    }
+    run.store.write_json(t, "metrics.json", out)
+    return out
 
 
 def _spreads(elo_rows: Sequence[dict]) -> list[float]:

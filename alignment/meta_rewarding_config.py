@@ -12,7 +12,7 @@ top-p 0.9); take the paper's appendix values for a faithful rerun.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -125,7 +125,6 @@ class MetaRewardingRecipe(SelfRewardingRecipe):
     meta_judge: MetaJudgeConfig = MetaJudgeConfig()
     pairs: MetaPairsConfig = MetaPairsConfig()
 
-    STAGES: ClassVar[list[str]] = ["prompts", "generate", "judge", "pairs", "meta_judge", "elo", "judge_pairs", "train"]
 
     def trains_judge(self, t: int) -> bool:
         """Whether iteration t meta-judges and adds judge pairs to its DPO step (entries past

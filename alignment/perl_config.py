@@ -15,7 +15,7 @@ so rule- or API-based rewards plug in without training a reward model.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -180,7 +180,6 @@ class PerlRecipe(RecipeBase):
         json_schema_extra=NO_EFFECT)
     engine: EngineConfig = EngineConfig()
 
-    STAGES: ClassVar[list[str]] = ["prompts", "preferences", "reward_model", "ppo", "eval"]
 
     @model_validator(mode="after")
     def _check(self) -> "PerlRecipe":

@@ -18,9 +18,9 @@ their log-probs are equal (loss = ln 2, reward margins 0; tested). The alternati
 adapter_{t−1} into the base and adding a new adapter — would need a new base per iteration and
 one vLLM engine per base; this way every M_t is a delta on the same base, served by one engine.
 
-The pure functions (data loading, split, pairs, mixing, the loss) hold the algorithm; ``SpinRun``
-runs them as stages over the run directory (skip when current, shard long work) and holds no
-Prefect code; ``flows/spin.py`` wraps each stage in a task.
+The pure functions (data loading, split, pairs, mixing, the loss) hold the algorithm; ``SPIN``
+declares its stages (``alignment.stages``), which the executor runs over the run directory (skip
+when current, shard long work); nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -29,25 +29,17 @@ import hashlib
 import json
 import math
 import statistics
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from alignment.actor import generate_responses
-from alignment.spin_data import load_sft
-from alignment.faults import crash_point
-from alignment.generation import Sampling, derive_seed
-from alignment.iterative import IterativeRun
-from alignment.judge import JudgeSettings, judge_responses
-from alignment.launch import run_dpo
 from alignment.config import result_dump
-from alignment.spin_config import SpinRecipe
-from alignment.stages import run_sharded, run_table_stage, shard_key, stage_outcome
+from alignment.dpo_stage import dpo_output
+from alignment.generation import Sampling, derive_seed
+from alignment.judge import JudgeSettings, judge_responses
+from alignment.spin_data import load_sft
+from alignment.stages import Algorithm, Stage, Table
 from alignment.store import sha256_file
-from alignment.training import DPOSpec, trained_rows_info, truncation_warnings
-
-STAGES = SpinRecipe.STAGES
 
 
 # --------------------------------------------------------------------------------------- data
@@ -219,219 +211,156 @@ def eval_summary(rows: Sequence[dict]) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------- run
-@dataclass
-class SpinRun(IterativeRun):
-    recipe: SpinRecipe
-    timings: dict = field(default_factory=dict)  # (t, stage) -> seconds spent computing (bench)
+# ------------------------------------------------------------------------------------ stages
+def heldout_split(run, t: int, split: str) -> list[dict]:
+    """The ``train`` or ``heldout`` rows of the data stage."""
+    return [r for r in run.store.read_rows(t, "data") if r["split"] == split]
 
-    def needs_lora(self) -> bool:
-        return True  # the eval stage serves the adapter trained in the same iteration
 
-    def _timed(self, t: int, stage: str, started: float) -> None:
-        self.timings[(t, stage)] = self.timings.get((t, stage), 0.0) + time.monotonic() - started
+def compute_data(run, t: int, ctx) -> Table:
+    """The SFT set split into train / held-out (the same in every iteration)."""
+    cfg = run.recipe.data
+    rows = load_sft(cfg)
+    train, held = split_heldout(rows, cfg.heldout_fraction, run.recipe.seed)
+    held_ids = {r["prompt_id"] for r in held}
+    out = [r | {"split": "heldout" if r["prompt_id"] in held_ids else "train"} for r in rows]
+    return Table(out, {"prompts": len(rows), "train": len(train), "heldout": len(held)})
 
-    # ---- stages ------------------------------------------------------------------------
-    def data(self, t: int) -> str:
-        """The SFT set split into train / held-out (the same in every iteration)."""
-        cfg = self.recipe.data
-        source = Path(cfg.source)
-        inputs = {"source": sha256_file(source) if source.is_file() else cfg.source}
 
-        def compute():
-            rows = load_sft(cfg)
-            train, held = split_heldout(rows, cfg.heldout_fraction, self.recipe.seed)
-            held_ids = {r["prompt_id"] for r in held}
-            out = [r | {"split": "heldout" if r["prompt_id"] in held_ids else "train"} for r in rows]
-            return out, {"prompts": len(rows), "train": len(train), "heldout": len(held)}
+def data_inputs(run, t: int) -> dict:
+    source = Path(run.recipe.data.source)
+    return {"source": sha256_file(source) if source.is_file() else run.recipe.data.source}
 
-        return run_table_stage(self.store, t, "data", inputs=inputs, recipe_hash=self._section_hash("data"),
-                               compute=compute, log=self.log)
 
-    def _split(self, t: int, split: str) -> list[dict]:
-        return [r for r in self.store.read_rows(t, "data") if r["split"] == split]
+def compute_generate(run, t: int, ctx) -> Table:
+    """y′ ~ M_t for every training prompt (sharded: a kill loses at most one shard)."""
+    g = run.recipe.generation
+    sampling = Sampling(n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
+    prompts = heldout_split(run, t, "train")
+    adapter = run.model(t).adapter
+    rows = ctx.shards(prompts, lambda chunk, i: generate_responses(
+        run.generator(), chunk, sampling, adapter=adapter, seed=derive_seed(run.recipe.seed, t, "spin-gen")))
+    return Table(rows, {"responses": len(rows), "prompts": len(prompts)})
 
-    def generate(self, t: int) -> str:
-        """y′ ~ M_t for every training prompt (sharded: a kill loses at most one shard)."""
-        g = self.recipe.generation
-        inputs = {"data": self.store.output_hash(t, "data"), "model": self.model_hash(t)}
-        recipe_hash = self._section_hash("generation")
-        sampling = Sampling(n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
 
-        def compute():
-            started = time.monotonic()
-            prompts = self._split(t, "train")
-            adapter = self.model(t).adapter
-            rows = run_sharded(
-                self.store, t, "generate", prompts, shard_size=self.recipe.engine.shard_size,
-                key=shard_key(inputs, recipe_hash), log=self.log, progress=self._progress("generate", t),
-                compute=lambda chunk, i: generate_responses(
-                    self.generator(), chunk, sampling, adapter=adapter, seed=derive_seed(self.recipe.seed, t, "spin-gen")),
-            )
-            self._timed(t, "generate", started)
-            return rows, {"responses": len(rows), "prompts": len(prompts)}
+def mixes(run, t: int) -> bool:
+    return run.recipe.train.mix_previous and t > 1
 
-        return run_table_stage(self.store, t, "generate", inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
 
-    def pairs(self, t: int) -> dict:
-        mix = self.recipe.train.mix_previous and t > 1
-        inputs = {"data": self.store.output_hash(t, "data"), "generate": self.store.output_hash(t, "generate")}
-        if mix:
-            inputs["previous"] = self.store.output_hash(t - 1, "pairs")
+def compute_pairs(run, t: int, ctx) -> Table:
+    rows, stats = build_spin_pairs(heldout_split(run, t, "train"), run.store.read_rows(t, "generate"), t)
+    if mixes(run, t):
+        rows = mix_previous(rows, run.store.read_rows(t - 1, "pairs"), t)
+    stats |= {"pairs": len(rows), "mixed_pairs": len(rows) - stats["new_pairs"],
+              "rejected_mean_length": statistics.fmean(r["rejected_length"] for r in rows) if rows else None}
+    return Table(rows, stats)
 
-        def compute():
-            rows, stats = build_spin_pairs(self._split(t, "train"), self.store.read_rows(t, "generate"), t)
-            if mix:
-                rows = mix_previous(rows, self.store.read_rows(t - 1, "pairs"), t)
-            stats |= {"pairs": len(rows), "mixed_pairs": len(rows) - stats["new_pairs"],
-                      "rejected_mean_length": statistics.fmean(r["rejected_length"] for r in rows) if rows else None}
-            return rows, stats
 
-        run_table_stage(self.store, t, "pairs", inputs=inputs, recipe_hash=self._section_hash(mix=mix),
-                        compute=compute, log=self.log)
-        stats = self.store.manifest(t, "pairs")["info"]
-        self.log(f"iter {t} pairs: {stats['pairs']} pairs ({stats['new_pairs']} new, {stats['mixed_pairs']} from "
-                 f"iteration {t - 1}; {stats['identical_dropped']} dropped as y′ == answer)")
-        return stats
+def report_pairs(run, t: int, stats: dict) -> None:
+    run.log(f"iter {t} pairs: {stats['pairs']} pairs ({stats['new_pairs']} new, {stats['mixed_pairs']} from "
+            f"iteration {t - 1}; {stats['identical_dropped']} dropped as y′ == answer)")
 
-    def train(self, t: int) -> str | None:
-        """SPIN loss (DPO against M_t) on this iteration's pairs → adapter of M_{t+1}."""
-        inputs = {"pairs": self.store.output_hash(t, "pairs"), "model": self.model_hash(t)}
-        tc = self.recipe.train
-        beta = tc.beta_for(t)
-        # Only this iteration's β counts: editing a later iteration's β must not redo this one.
-        section = {k: v for k, v in result_dump(self.recipe.train).items() if k != "beta"}
-        recipe_hash = self._section_hash(train=section, beta=beta)
-        if stage_outcome(self.store, t, "train", inputs, recipe_hash, self.log) is not None:
-            return self.adapter(t)
-        pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in self.store.read_rows(t, "pairs")]
-        if not pairs:
-            self.log(f"WARNING iter {t} train: no pairs (every y′ equals its answer); skipping training, M_{t + 1} = M_{t}")
-            self.store.commit_dir(t, "train", lambda tmp: (tmp / "NO_PAIRS").write_text("no pairs\n"),
-                                  inputs=inputs, recipe_hash=recipe_hash, subdir="empty",
-                                  info={"adapter": self._rel(self.model(t).adapter), "pairs": 0, "beta": beta, "trained": False})
-            return self.model(t).adapter
-        ckpt = self.store.scratch_dir(t, "train", "checkpoints")
-        self.store.log_event("start", t=t, stage="train", pairs=len(pairs))
-        metrics: dict = {}
-        started = time.monotonic()
 
-        def build(tmp: Path) -> None:
-            data = tmp / "train_pairs.jsonl"
-            data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-            spec = DPOSpec(
-                # init_adapter = adapter_{t-1}: TRL keeps a frozen copy as the reference, so it is M_t.
-                base=self.base.base, init_adapter=self.model(t).adapter, data=str(data), output_dir=str(tmp),
-                checkpoint_dir=str(ckpt / "trainer"), beta=beta, loss_type=tc.loss_type,
-                learning_rate=tc.learning_rate, epochs=tc.epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-                max_length=tc.max_length, save_steps=tc.save_steps, seed=self.recipe.seed, lora=tc.lora.model_dump(),
-                crash_prefix=f"iter{t}/train",
-            )
-            metrics.update(run_dpo(spec, launcher=tc.launcher, spec_path=ckpt / "spec.json", log=self.log))
-            info.update(trained_rows_info(metrics))
-            crash_point(f"iter{t}/train/before_commit")
+def compute_train(run, t: int, ctx):
+    """SPIN loss (DPO against M_t) on this iteration's pairs → adapter of M_{t+1}."""
+    tc = run.recipe.train
+    beta = tc.beta_for(t)
+    rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in run.store.read_rows(t, "pairs")]
+    return dpo_output(run, t, ctx, rows, beta=beta, loss_type=tc.loss_type,
+                      info={"beta": beta, "loss_type": tc.loss_type},
+                      empty_reason="no pairs (every y′ equals its answer)")
 
-        final = self.store.stage_dir(t, "train") / "adapter"
-        info = {"adapter": self._rel(final), "pairs": len(pairs), "beta": beta, "loss_type": tc.loss_type, "trained": True}
-        try:
-            self.store.commit_dir(t, "train", build, inputs=inputs, recipe_hash=recipe_hash, info=info)
-        except BaseException as err:
-            self.store.log_event("error", t=t, stage="train", message=f"{type(err).__name__}: {err}")
-            raise
-        self._timed(t, "train", started)
-        self.store.log_event("done", t=t, stage="train")
-        self.log(f"iter {t} train: adapter {final} (β {beta}, loss {metrics.get('train_loss', float('nan')):.4f}, "
-                 f"{metrics.get('steps')} steps)")
-        for line in truncation_warnings(metrics):
-            self.log(f"WARNING iter {t} train: {line}")
-        return str(final)
 
-    def eval(self, t: int) -> dict:
-        """Held-out: log-likelihood of the real answers under M_t and M_{t+1}; win rate of
-        M_{t+1}'s answers over M_t's by the project's judge, run by the base model (fixed judge)."""
-        ev = self.recipe.eval
-        inputs = {"data": self.store.output_hash(t, "data"), "before": self.model_hash(t),
-                  "after": self.model_hash(t + 1)}
-        recipe_hash = self._section_hash("eval", max_length=self.recipe.train.max_length)
+def train_settings(run, t: int) -> dict:
+    """The train section with this iteration's β only: editing a later iteration's β must not redo this one."""
+    return {"train": {k: v for k, v in result_dump(run.recipe.train).items() if k != "beta"},
+            "beta": run.recipe.train.beta_for(t)}
 
-        def compute():
-            started = time.monotonic()
-            held = self._split(t, "heldout")[: ev.max_prompts] if ev.enabled else []
-            if not held:
-                self.log(f"iter {t} eval: no held-out prompts (data.heldout_fraction 0 or eval disabled); skipped")
-                return [], eval_summary([])
-            before, after = self.model(t), self.model(t + 1)
-            kw = dict(batch_size=ev.batch_size, max_length=self.recipe.train.max_length)
-            ll_before = answer_logliks(self.base.base, before.adapter, held, **kw)
-            ll_after = answer_logliks(self.base.base, after.adapter, held, **kw)
-            rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "answer": r["answer"],
-                     "answer_tokens": a["tokens"], "loglik_before": a["loglik"], "loglik_after": b["loglik"],
-                     "response_before": None, "response_after": None, "score_before": None, "score_after": None,
-                     "outcome": "unscored"}
-                    for r, a, b in zip(held, ll_before, ll_after)]
-            if ev.win_rate:
-                sampling = Sampling(n=1, temperature=ev.temperature, top_p=ev.top_p, max_tokens=ev.max_tokens)
-                j = ev.judge
-                settings = JudgeSettings(n=j.n, mode=j.mode, score=j.score, temperature=j.temperature, top_p=j.top_p,
-                                         max_tokens=j.max_tokens, min_digit_mass=j.min_digit_mass)
-                gen = self.generator()
-                # All answers first, then all judgments: an engine serving merged adapters restarts
-                # only when the model changes (M_t, M_{t+1}, then the base judge). Per-request seeds
-                # make the order irrelevant to the result.
-                answers = {side: generate_responses(gen, held, sampling, adapter=model.adapter,
-                                                    seed=derive_seed(self.recipe.seed, t, "spin-eval"))
-                           for side, model in (("before", before), ("after", after))}
-                for side in ("before", "after"):
-                    judged = judge_responses(gen, answers[side], settings, adapter=None,
-                                             seed=derive_seed(self.recipe.seed, t, "spin-eval-judge", side))
-                    for row, a in zip(rows, judged):
-                        row[f"response_{side}"] = a["response"]
-                        row[f"score_{side}"] = a["mean_score"]
-                for row in rows:
-                    row["outcome"] = outcome(row["score_before"], row["score_after"])
-            self._timed(t, "eval", started)
-            return rows, eval_summary(rows) | {"model_before": before.label, "model_after": after.label}
 
-        run_table_stage(self.store, t, "eval", inputs=inputs, recipe_hash=recipe_hash, compute=compute, log=self.log)
-        info = self.store.manifest(t, "eval")["info"]
-        if info.get("heldout"):
-            wr = info.get("win_rate")
-            self.log(f"iter {t} eval on {info['heldout']} held-out prompts: log-likelihood per answer token "
-                     f"M_{t} {info['loglik_per_token_before']:.4f} -> M_{t + 1} {info['loglik_per_token_after']:.4f}; "
-                     f"win rate of M_{t + 1} over M_{t} {'–' if wr is None else f'{wr:.2f}'}")
-        return info
+def compute_eval(run, t: int, ctx) -> Table:
+    """Held-out: log-likelihood of the real answers under M_t and M_{t+1}; win rate of
+    M_{t+1}'s answers over M_t's by the project's judge, run by the base model (fixed judge)."""
+    ev = run.recipe.eval
+    held = heldout_split(run, t, "heldout")[: ev.max_prompts] if ev.enabled else []
+    if not held:
+        run.log(f"iter {t} eval: no held-out prompts (data.heldout_fraction 0 or eval disabled); skipped")
+        return Table([], eval_summary([]))
+    before, after = run.model(t), run.model(t + 1)
+    kw = dict(batch_size=ev.batch_size, max_length=run.recipe.train.max_length)
+    ll_before = answer_logliks(run.base.base, before.adapter, held, **kw)
+    ll_after = answer_logliks(run.base.base, after.adapter, held, **kw)
+    rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "answer": r["answer"],
+             "answer_tokens": a["tokens"], "loglik_before": a["loglik"], "loglik_after": b["loglik"],
+             "response_before": None, "response_after": None, "score_before": None, "score_after": None,
+             "outcome": "unscored"}
+            for r, a, b in zip(held, ll_before, ll_after)]
+    if ev.win_rate:
+        sampling = Sampling(n=1, temperature=ev.temperature, top_p=ev.top_p, max_tokens=ev.max_tokens)
+        j = ev.judge
+        settings = JudgeSettings(n=j.n, mode=j.mode, score=j.score, temperature=j.temperature, top_p=j.top_p,
+                                 max_tokens=j.max_tokens, min_digit_mass=j.min_digit_mass)
+        gen = run.generator()
+        # All answers first, then all judgments: an engine serving merged adapters restarts
+        # only when the model changes (M_t, M_{t+1}, then the base judge). Per-request seeds
+        # make the order irrelevant to the result.
+        answers = {side: generate_responses(gen, held, sampling, adapter=model.adapter,
+                                            seed=derive_seed(run.recipe.seed, t, "spin-eval"))
+                   for side, model in (("before", before), ("after", after))}
+        for side in ("before", "after"):
+            judged = judge_responses(gen, answers[side], settings, adapter=None,
+                                     seed=derive_seed(run.recipe.seed, t, "spin-eval-judge", side))
+            for row, a in zip(rows, judged):
+                row[f"response_{side}"] = a["response"]
+                row[f"score_{side}"] = a["mean_score"]
+        for row in rows:
+            row["outcome"] = outcome(row["score_before"], row["score_after"])
+    return Table(rows, eval_summary(rows) | {"model_before": before.label, "model_after": after.label})
 
-    # ---- reporting ---------------------------------------------------------------------
-    def metrics(self, t: int) -> dict:
-        """Per-iteration metrics (``iter_<t>/metrics.json``): counts, training curve, held-out eval.
 
-        The held-out numbers are also top-level keys, so the review app's overview shows them.
-        """
-        def info(stage):
-            m = self.store.manifest(t, stage)
-            return m["info"] if m else None
+def report_eval(run, t: int, info: dict) -> None:
+    if info.get("heldout"):
+        wr = info.get("win_rate")
+        run.log(f"iter {t} eval on {info['heldout']} held-out prompts: log-likelihood per answer token "
+                f"M_{t} {info['loglik_per_token_before']:.4f} -> M_{t + 1} {info['loglik_per_token_after']:.4f}; "
+                f"win rate of M_{t + 1} over M_{t} {'–' if wr is None else f'{wr:.2f}'}")
 
-        train = info("train")
-        out = {"iteration": t, "model": self.model(t).label, "data": info("data"), "generate": info("generate"),
-               "pairs": info("pairs"), "train": train, "eval": info("eval")}
-        adapter = self.adapter(t) if train and train.get("trained") else None
-        if adapter and Path(adapter, "train_metrics.json").is_file():
-            out["train_metrics"] = json.loads(Path(adapter, "train_metrics.json").read_text())
-        ev = out["eval"] or {}
-        out |= {"heldout_loglik_per_token_before": ev.get("loglik_per_token_before"),
-                "heldout_loglik_per_token_after": ev.get("loglik_per_token_after"),
-                "win_rate": ev.get("win_rate")}
-        self.store.write_json(t, "metrics.json", out)
-        return out
 
-    def iteration(self, t: int) -> dict:
-        """All stages of iteration t, in order (the flow does the same, one task per stage)."""
-        self.data(t)
-        self.generate(t)
-        self.pairs(t)
-        self.train(t)
-        self.eval(t)
-        return self.metrics(t)
+def metrics(run, t: int) -> dict:
+    """Per-iteration metrics (``iter_<t>/metrics.json``): counts, training curve, held-out eval.
+
+    The held-out numbers are also top-level keys, so the review app's overview shows them.
+    """
+    def info(stage):
+        m = run.store.manifest(t, stage)
+        return m["info"] if m else None
+
+    train = info("train")
+    out = {"iteration": t, "model": run.model(t).label, "data": info("data"), "generate": info("generate"),
+           "pairs": info("pairs"), "train": train, "eval": info("eval")}
+    adapter = run.adapter(t) if train and train.get("trained") else None
+    if adapter and Path(adapter, "train_metrics.json").is_file():
+        out["train_metrics"] = json.loads(Path(adapter, "train_metrics.json").read_text())
+    ev = out["eval"] or {}
+    out |= {"heldout_loglik_per_token_before": ev.get("loglik_per_token_before"),
+            "heldout_loglik_per_token_after": ev.get("loglik_per_token_after"),
+            "win_rate": ev.get("win_rate")}
+    run.store.write_json(t, "metrics.json", out)
+    return out
+
+
+SPIN = Algorithm("spin", (
+    Stage("data", compute_data, fields=("data",), inputs=data_inputs),
+    Stage("generate", compute_generate, reads=("data",), model=True, fields=("generation",), sharded=True),
+    Stage("pairs", compute_pairs, reads=("data", "generate"), settings=lambda run, t: {"mix": mixes(run, t)},
+          inputs=lambda run, t: {"previous": run.store.output_hash(t - 1, "pairs")} if mixes(run, t) else {},
+          report=report_pairs),
+    Stage("train", compute_train, reads=("pairs",), model=True, settings=train_settings, gated=True,
+          releases_engine=lambda recipe: recipe.train.release_engine),
+    Stage("eval", compute_eval, reads=("data",), fields=("eval",), report=report_eval,
+          settings=lambda run, t: {"max_length": run.recipe.train.max_length},
+          inputs=lambda run, t: {"before": run.model_hash(t), "after": run.model_hash(t + 1)}),
+), metrics=metrics, needs_lora=lambda run: True,  # the eval stage serves the adapter trained in the same iteration
+    lora_rank=lambda recipe: recipe.train.lora.r)
 
 
 def training_curve(metrics: dict) -> list[dict]:

@@ -13,7 +13,7 @@ otherwise (learning rate; the paper fine-tunes all weights):
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -105,7 +105,6 @@ class SpinRecipe(RecipeBase):
     eval: SpinEvalConfig = SpinEvalConfig()
     engine: EngineConfig = EngineConfig()
 
-    STAGES: ClassVar[list[str]] = ["data", "generate", "pairs", "train", "eval"]
 
     def preflight(self) -> None:
         """Model, then every row of the SFT set: a bad row fails here, before any generation."""

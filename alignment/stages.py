@@ -1,17 +1,24 @@
-"""Running a stage against the run directory: skip when complete, redo when stale, shard long work.
+"""Stages, declared once, and the one executor that runs every stage of every algorithm.
 
-These helpers are what makes every flow resumable by construction: a stage either finds a
-manifest matching its inputs and recipe section (skip), or computes its output and commits it
-through ``store.py``. Long stages go through ``run_sharded`` so a kill loses at most one shard.
+A :class:`Stage` states what it reads (upstream stages of its iteration, the model M_t, other
+inputs), which recipe fields change its result, and whether it is sharded. :func:`execute`
+derives the stage's inputs and recipe hash from that declaration, then skips it (complete and
+current), redoes it (saying why), or computes it — shards persisted through ``run_sharded``,
+output committed through ``store.py`` (temp write, fsync, rename, manifest last) — with the
+events and crash points every stage has. So no stage can forget an input, a hash or a shard key.
+An algorithm (:class:`Algorithm`) is a list of stages per iteration; the order exists there only.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+from alignment.config import result_dump
 from alignment.faults import crash_point
-from alignment.store import RunStore, hash_obj
+from alignment.store import RunStore, StoreError, hash_obj
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -116,6 +123,239 @@ def run_sharded(
 
 def shard_key(*parts: object) -> str:
     return hash_obj(parts)
+
+
+# --------------------------------------------------------------------------- declarations
+@dataclass(frozen=True)
+class Table:
+    """A table stage's output: rows (one parquet file) and the manifest's ``info``."""
+
+    rows: list[dict]
+    info: dict
+
+
+@dataclass(frozen=True)
+class Directory:
+    """A directory stage's output (an adapter): ``build(tmp)`` fills a temporary directory that is
+    committed as ``stage_dir/subdir``; ``info`` (which ``build`` may extend) goes in the manifest."""
+
+    build: Callable[[Path], None]
+    info: dict
+    subdir: str = "adapter"
+
+
+def _never(recipe) -> bool:
+    return False
+
+
+def _on(recipe) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of an algorithm, declared once.
+
+    ``compute(run, t, ctx)`` returns a :class:`Table` or a :class:`Directory`; it reads upstream
+    outputs from ``run.store`` and shards long work through ``ctx.shards``. Its inputs are
+    ``{upstream: output hash for upstream in reads}`` + ``{"model": identity of M_t}`` when
+    ``model`` + ``inputs(run, t)``; its recipe hash covers the values of ``fields`` (dotted recipe
+    paths, NO_EFFECT fields left out), ``settings(run, t)`` (per-iteration values such as ρ_t or
+    β_t), the backend and the seed. ``off(recipe)`` names why the stage does not run for this
+    recipe (None: it runs); ``report(run, t, info)`` logs its summary, also when it was skipped;
+    ``releases_engine(recipe)``: close the generation engine first (training needs the memory);
+    ``gated``: the review gate (a flow's) applies before it.
+    """
+
+    name: str
+    compute: Callable[[Any, int, "StageContext"], Table | Directory]
+    reads: tuple[str, ...] = ()
+    model: bool = False
+    fields: tuple[str, ...] = ()
+    inputs: Callable[[Any, int], dict] | None = None
+    settings: Callable[[Any, int], dict] | None = None
+    sharded: bool = False
+    off: Callable[[Any], str | None] = _on
+    report: Callable[[Any, int, dict], None] | None = None
+    releases_engine: Callable[[Any], bool] = _never
+    gated: bool = False
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """An algorithm: its stages per iteration, in order, and what its run needs around them.
+
+    ``metrics(run, t)`` writes ``iter_<t>/metrics.json`` after the iteration; ``needs_lora(run)``:
+    whether the engine must serve adapters; ``lora_rank(recipe)``: the rank of the adapters it trains.
+    """
+
+    name: str
+    stages: tuple[Stage, ...]
+    metrics: Callable[[Any, int], dict]
+    needs_lora: Callable[[Any], bool]
+    lora_rank: Callable[[Any], int]
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.name} has no stage {name!r} (stages: {', '.join(self.names())})")
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def active(self, recipe) -> list[Stage]:
+        """The stages this recipe runs (those not ``off``), in order."""
+        return [s for s in self.stages if s.off(recipe) is None]
+
+
+def replace_stage(stages: Sequence[Stage], new: Stage) -> tuple[Stage, ...]:
+    """``stages`` with the stage of ``new.name`` replaced by ``new``."""
+    if new.name not in [s.name for s in stages]:
+        raise KeyError(new.name)
+    return tuple(new if s.name == new.name else s for s in stages)
+
+
+def insert_after(stages: Sequence[Stage], name: str, new: Sequence[Stage]) -> tuple[Stage, ...]:
+    """``stages`` with ``new`` inserted right after the stage called ``name``."""
+    names = [s.name for s in stages]
+    i = names.index(name) + 1
+    return tuple(stages[:i]) + tuple(new) + tuple(stages[i:])
+
+
+def _dotted(data: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise KeyError(f"recipe has no field {path!r}")
+        data = data[part]
+    return data
+
+
+def stage_inputs(run, stage: Stage, t: int) -> dict:
+    """The stage's inputs by its declaration (StoreError if an upstream stage is not complete)."""
+    out = {name: run.store.output_hash(t, name) for name in stage.reads}
+    if stage.model:
+        out["model"] = run.model_hash(t)
+    return out | (stage.inputs(run, t) if stage.inputs else {})
+
+
+def stage_recipe_hash(run, stage: Stage, t: int) -> str:
+    """hash({field: value for field in fields} | settings(run, t) | {backend, seed}), the recipe
+    read without the fields declared NO_EFFECT (``alignment.config.result_dump``)."""
+    data = result_dump(run.recipe)
+    values = {f: _dotted(data, f) for f in stage.fields} | (stage.settings(run, t) if stage.settings else {})
+    return hash_obj(values | {"backend": data["engine"]["backend"], "seed": data["seed"]})
+
+
+@dataclass
+class StageContext:
+    """What ``compute`` gets from the executor: the stage's identity and its shard helper."""
+
+    run: Any
+    stage: Stage
+    t: int
+    inputs: dict
+    recipe_hash: str
+    started: float = field(default_factory=time.monotonic)
+
+    def shards(self, items: Sequence[dict], compute: Callable[[Sequence[dict], int], list[dict]]) -> list[dict]:
+        """``run_sharded`` over ``items`` in shards of ``engine.shard_size``, keyed by this stage's
+        inputs and recipe hash (a resume under other inputs or settings never reuses a shard)."""
+        if not self.stage.sharded:
+            raise RuntimeError(f"stage {self.stage.name} is not declared sharded")
+        run = self.run
+        return run_sharded(run.store, self.t, self.stage.name, items, shard_size=run.recipe.engine.shard_size,
+                           key=shard_key(self.inputs, self.recipe_hash), compute=compute, log=run.log,
+                           progress=run.stage_progress(self.stage.name, self.t))
+
+    def scratch(self, name: str = "checkpoints") -> Path:
+        """A scratch directory of the stage kept across a kill (trainer checkpoints), removed on commit."""
+        return self.run.store.scratch_dir(self.t, self.stage.name, name)
+
+    @property
+    def crash_prefix(self) -> str:
+        return f"iter{self.t}/{self.stage.name}"
+
+
+def execute(run, stage: Stage, t: int) -> dict | None:
+    """Run ``stage`` of iteration ``t``: skip it if complete and current, else compute and commit.
+
+    Returns the manifest's ``info`` (None for a stage that is ``off``). Events: ``skip`` or
+    ``redo`` (with the reason), ``start``, ``done`` / ``error``; crash points
+    ``iter<t>/<stage>/before_commit`` and ``after_commit``.
+    """
+    store, name = run.store, stage.name
+    reason = stage.off(run.recipe)
+    if reason is not None:
+        run.log(f"iter {t} {name}: off ({reason}); skipped")
+        return None
+    release_engine(run, stage, t)
+    inputs, recipe_hash = stage_inputs(run, stage, t), stage_recipe_hash(run, stage, t)
+    if stage_outcome(store, t, name, inputs, recipe_hash, run.log) is None:
+        ctx = StageContext(run, stage, t, inputs, recipe_hash)
+        store.log_event("start", t=t, stage=name)
+        try:
+            out = stage.compute(run, t, ctx)
+            if isinstance(out, Table):
+                crash_point(f"iter{t}/{name}/before_commit")
+                store.write_rows(t, name, out.rows, inputs=inputs, recipe_hash=recipe_hash,
+                                 info=out.info | {"seconds": round(time.monotonic() - ctx.started, 2)})
+            else:
+                def build(tmp: Path) -> None:
+                    out.build(tmp)
+                    crash_point(f"iter{t}/{name}/before_commit")
+
+                store.commit_dir(t, name, build, inputs=inputs, recipe_hash=recipe_hash, info=out.info,
+                                 subdir=out.subdir)
+        except BaseException as err:
+            store.log_event("error", t=t, stage=name, message=error_message(err))
+            raise
+        store.log_event("done", t=t, stage=name, **({"rows": len(out.rows)} if isinstance(out, Table) else {}))
+        crash_point(f"iter{t}/{name}/after_commit")
+    info = store.manifest(t, name)["info"]
+    if stage.report:
+        stage.report(run, t, info)
+    return info
+
+
+def release_engine(run, stage: Stage, t: int) -> None:
+    """Close the generation engine before a stage that declares it needs the memory (a training
+    job), recording an ``engine_released`` event; it restarts on the next use."""
+    if stage.releases_engine(run.recipe) and run.close():
+        run.store.log_event("engine_released", t=t, stage=stage.name)
+
+
+def plan(run, t: int) -> list[dict]:
+    """What :func:`execute` would do with each stage of iteration ``t``, without running anything:
+    rows ``{"iteration", "stage", "state", "reason"}``; state is ``done``, ``redo`` (the stored
+    output is stale or damaged: reason), ``resume`` (shards on disk), ``run`` (not started),
+    ``waits`` (an upstream stage or the previous iteration is not done: reason) or ``off``."""
+    rows = []
+    for stage in run.algorithm.stages:
+        row = {"iteration": t, "stage": stage.name, "state": "", "reason": ""}
+        off = stage.off(run.recipe)
+        if off is not None:
+            rows.append(row | {"state": "off", "reason": off})
+            continue
+        try:
+            inputs, recipe_hash = stage_inputs(run, stage, t), stage_recipe_hash(run, stage, t)
+        except (StoreError, RuntimeError) as err:
+            rows.append(row | {"state": "waits", "reason": _waits_reason(err)})
+            continue
+        ok, reason = run.store.check_stage(t, stage.name, inputs=inputs, recipe_hash=recipe_hash)
+        state = ("done" if ok else "run" if reason == "not started"
+                 else "resume" if reason.startswith("partial") else "redo")
+        rows.append(row | {"state": state, "reason": "" if state in ("done", "run") else reason})
+    return rows
+
+
+def _waits_reason(err: Exception) -> str:
+    """"on iter_1/judge" for an upstream stage that is not complete; else the error's text."""
+    text = str(err)
+    if " is not complete" in text:
+        where = Path(text.split(" is not complete")[0])
+        return f"on {where.parent.name}/{where.name}"
+    return text
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,6 +1,6 @@
 """Time per SPIN iteration on the tiny recipe, split into generation / training / eval.
 
-Runs the tiny SPIN recipe's iterations stage by stage (``SpinRun``, no Prefect) in a fresh run
+Runs the tiny SPIN recipe's iterations stage by stage (``alignment.stages.execute``, no Prefect) in a fresh run
 directory and prints, per iteration, the seconds spent generating y′, training (the DPO
 subprocess, including its start-up) and evaluating, with their shares of the iteration. Engine
 start-up is printed apart (it is paid once per run, not per iteration).
@@ -31,7 +31,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from alignment.config import load_recipe
-    from alignment.spin import SpinRun
+    from alignment.algorithms import algorithm_run
     from alignment.store import RunStore
 
     overrides = [f"data.source={REPO / 'data' / 'tiny_sft.jsonl'}", f"iterations={args.iterations}",
@@ -42,7 +42,7 @@ def main() -> int:
     recipe.preflight()
     run_dir = Path(tempfile.mkdtemp(prefix="spin-bench-")) / "run"
     store = RunStore.create(run_dir, recipe=data, algorithm="spin", name=recipe.name)
-    run = SpinRun(store, recipe, log=lambda m: None)
+    run = algorithm_run(store, recipe, log=lambda m: None)
 
     t0 = time.perf_counter()
     backend = run.generator().backend
@@ -50,12 +50,14 @@ def main() -> int:
     rows = []
     try:
         for t in range(1, recipe.iterations + 1):
-            started = time.perf_counter()
-            run.iteration(t)
-            total = time.perf_counter() - started
+            took = {}
+            for stage in run.algorithm.stages:  # what run.iteration(t) does, timed per stage
+                started = time.perf_counter()
+                run.run_stage(stage.name, t)
+                took[stage.name] = time.perf_counter() - started
+            run.metrics(t)
             info = store.manifest(t, "pairs")["info"]
-            rows.append((t, info["pairs"], run.timings.get((t, "generate"), 0.0), run.timings.get((t, "train"), 0.0),
-                         run.timings.get((t, "eval"), 0.0), total))
+            rows.append((t, info["pairs"], took["generate"], took["train"], took["eval"], sum(took.values())))
     finally:
         run.close()
 

@@ -311,14 +311,12 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from alignment.config import RECIPES, load_algorithms
+    from alignment.algorithms import stage_names
     from alignment.store import RunStore, StoreError
 
     try:
         store = RunStore.open(args.run_dir)
-        load_algorithms()
-        recipe_cls = RECIPES.get(store.run_info().get("algorithm"))
-        rows = store.status(stages=recipe_cls.STAGES if recipe_cls else None)
+        rows = store.status(stages=stage_names(store))
     except StoreError as err:
         return _fail(str(err))
     from alignment.stages import interrupted_stages, lock_state, shard_totals

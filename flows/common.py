@@ -15,7 +15,6 @@ from prefect.artifacts import (
 from alignment import console
 from alignment.report import judge_table, summary_markdown
 from alignment.review_urls import iteration_url
-from alignment.runs import open_run  # noqa: F401  (re-exported for the flows)
 from alignment.store import RunStore
 
 

@@ -1,70 +1,18 @@
-"""Prefect flow ``meta-rewarding``: iterations → stages, each stage a task over the run directory.
-
-Tasks are three-line wrappers of ``MetaRewardingRun`` methods; they pass paths and hashes, not
-datasets. Caching is off (``NO_CACHE``): the run directory's manifests are the record of what is
-done, so a resume works with a fresh Prefect database too. Artifacts per iteration: the
-Self-Rewarding summary / review link / judge table (``flows.common.publish_iteration``), plus the
-battle table, the Elo table, the judge pairs, and a length-stats table over all iterations so far.
+"""Prefect flow ``meta-rewarding``: the stage list of ``alignment.meta_rewarding`` as tasks
+(``flows.stage_flow``). Artifacts per iteration: the Self-Rewarding summary / review link / judge
+table (``flows.common.publish_iteration``), plus the battle table, the Elo table, the judge pairs,
+and a length-stats table over all iterations so far.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
-from alignment.meta_rewarding import MetaRewardingRun
 from alignment.report import last_eval_line
-from flows.common import artifact_key, open_run, progress_factory, publish_iteration
-from flows.review_gate import before_training
+from flows.common import artifact_key, publish_iteration
+from flows.stage_flow import Presentation, algorithm_flow
 
-TASK = dict(cache_policy=NO_CACHE, retries=0)
 ARTIFACT_ROWS = 200
-
-
-@task(name="prompts", **TASK)
-def prompts_task(run: MetaRewardingRun, t: int) -> str:
-    return run.prompts(t)
-
-
-@task(name="generate", **TASK)
-def generate_task(run: MetaRewardingRun, t: int) -> str:
-    return run.generate(t)
-
-
-@task(name="judge", **TASK)
-def judge_task(run: MetaRewardingRun, t: int) -> str:
-    return run.judge(t)
-
-
-@task(name="pairs", **TASK)
-def pairs_task(run: MetaRewardingRun, t: int) -> dict:
-    return run.pairs(t)
-
-
-@task(name="meta_judge", **TASK)
-def meta_judge_task(run: MetaRewardingRun, t: int) -> str:
-    return run.meta_judge(t)
-
-
-@task(name="elo", **TASK)
-def elo_task(run: MetaRewardingRun, t: int) -> str:
-    return run.elo(t)
-
-
-@task(name="judge_pairs", **TASK)
-def judge_pairs_task(run: MetaRewardingRun, t: int) -> dict:
-    return run.judge_pairs(t)
-
-
-@task(name="train", **TASK)
-def train_task(run: MetaRewardingRun, t: int) -> str | None:
-    return run.train(t)
-
-
-@task(name="eval", **TASK)
-def eval_task(run: MetaRewardingRun, t: int) -> dict | None:
-    return run.eval(t)
 
 
 # ------------------------------------------------------------------------------ artifacts
@@ -117,7 +65,7 @@ def length_markdown(per_iteration: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def publish_meta(run: MetaRewardingRun, t: int, per_iteration: list[dict]) -> None:
+def publish_meta(run, t: int, per_iteration: list[dict]) -> None:
     store = run.store
     name = store.run_info().get("name", store.root.name)
     if run.recipe.trains_judge(t):
@@ -135,46 +83,25 @@ def publish_meta(run: MetaRewardingRun, t: int, per_iteration: list[dict]) -> No
                              description="actor and judge pair lengths per iteration")
 
 
-@flow(name="meta-rewarding", log_prints=True)
-def meta_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Meta-Rewarding (Wu et al., 2024): for t = 1..T, M_t acts, judges and meta-judges its own
-    judgments; actor pairs and (in judge-training iterations) judge pairs train M_{t+1} together.
+def publish(run, t: int, per_iteration: list[dict]) -> None:
+    publish_iteration(run.store, t, per_iteration[-1], review_base=run.recipe.review.url)
+    publish_meta(run, t, [m["length"] for m in per_iteration])
 
-    ``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``.
-    """
-    logger = get_run_logger()
-    store, recipe = open_run(run_dir, recipe_path, overrides or [])
-    per_iteration: list[dict] = []
-    evaluated: list[dict] = []  # every iteration's metrics, for the last eval line
-    with store.lock():
-        run = MetaRewardingRun(store, recipe, log=logger.info, progress=progress_factory(store))
-        try:
-            for t in range(1, recipe.iterations + 1):
-                prompts_task(run, t)
-                generate_task(run, t)      # K responses from M_t
-                judge_task(run, t)         # N judgments per response
-                pairs_task(run, t)         # actor pairs, length control ρ_t
-                meta_judge_task(run, t)    # battles between judgments (judge-training iterations only)
-                elo_task(run, t)           # Bradley–Terry ratings of judgments
-                judge_pairs_task(run, t)   # best vs worst judgment
-                before_training(run, store, recipe, t, logger)  # release the engine (if asked), then the review gate
-                train_task(run, t)         # one DPO step on actor + judge pairs → M_{t+1}
-                eval_task(run, t)          # M_{t+1} vs M_t on held-out prompts (one log line when eval is off)
-                metrics = run.metrics(t)
-                evaluated.append(metrics)
-                per_iteration.append(metrics["length"])
-                publish_iteration(store, t, metrics, review_base=recipe.review.url)
-                publish_meta(run, t, per_iteration)
-        finally:
-            run.close()
-    store.log_event("flow_done")
-    result = {"run_dir": str(store.root), "adapter": run.adapter(recipe.iterations)}
-    for s in per_iteration:
-        jp = s["judge_pairs"]
-        result[f"iter {s['iteration']}"] = (f"{s['actor_pairs']} actor pairs (rho {s['rho']}, chosen/rejected length "
-                                            f"{_num(s['chosen_mean_length'], 1)}/{_num(s['rejected_mean_length'], 1)}), "
-                                            f"{jp} judge pairs")
-    line = last_eval_line(evaluated)
+
+def result(run, per_iteration: list[dict]) -> dict:
+    out = {"run_dir": str(run.store.root), "adapter": run.adapter(run.recipe.iterations)}
+    for s in (m["length"] for m in per_iteration):
+        out[f"iter {s['iteration']}"] = (f"{s['actor_pairs']} actor pairs (rho {s['rho']}, chosen/rejected length "
+                                         f"{_num(s['chosen_mean_length'], 1)}/{_num(s['rejected_mean_length'], 1)}), "
+                                         f"{s['judge_pairs']} judge pairs")
+    line = last_eval_line(per_iteration)
     if line:  # the CLI prints the result's entries as its final lines
-        result["eval"] = line
-    return result
+        out["eval"] = line
+    return out
+
+
+meta_rewarding_flow = algorithm_flow(
+    "meta-rewarding",
+    "Meta-Rewarding (Wu et al., 2024): for t = 1..T, M_t acts, judges and meta-judges its own judgments; actor "
+    "pairs and (in judge-training iterations) judge pairs train M_{t+1} together.",
+    Presentation(result=result, iteration=publish))

@@ -1,48 +1,18 @@
 """Prefect flow ``perl``: prompts → preferences → LoRA reward model → LoRA PPO → before/after eval.
 
-Tasks are three-line wrappers of ``PerlRun`` methods and pass paths and hashes, not datasets.
-Caching is off (``NO_CACHE``): the run directory's manifests say what is done, so a resume (same
-command, or ``selfalign resume RUN``) skips finished stages, and PPO continues from its last
-checkpoint. Artifacts: the reward model's held-out accuracy and trainable share, the PPO reward
-and KL curves per step, and sample generations of the initial and the PPO policy side by side.
+The stage list of ``alignment.perl`` as tasks (``flows.stage_flow``): a resume (same command,
+or ``selfalign resume RUN``) skips finished stages, and PPO continues from its last checkpoint.
+Artifacts: the reward model's held-out accuracy and trainable share, the PPO reward and KL
+curves per step, and sample generations of the initial and the PPO policy side by side.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
-from alignment.perl import PerlRun
-from flows.common import artifact_key, open_run
-
-TASK = dict(cache_policy=NO_CACHE, retries=0)
-
-
-@task(name="prompts", **TASK)
-def prompts_task(run: PerlRun) -> str:
-    return run.prompts()
-
-
-@task(name="preferences", **TASK)
-def preferences_task(run: PerlRun) -> str | None:
-    return run.preferences()
-
-
-@task(name="reward_model", **TASK)
-def reward_model_task(run: PerlRun) -> str | None:
-    return run.reward_model()
-
-
-@task(name="ppo", **TASK)
-def ppo_task(run: PerlRun) -> str:
-    return run.ppo()
-
-
-@task(name="eval", **TASK)
-def eval_task(run: PerlRun) -> dict | None:
-    return run.eval()
-
+from alignment.perl import samples
+from flows.common import artifact_key
+from flows.stage_flow import Presentation, algorithm_flow
 
 def _f(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
@@ -98,7 +68,7 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def publish(run: PerlRun, metrics: dict) -> None:
+def publish(run, metrics: dict) -> None:
     name = run.store.run_info().get("name", run.store.root.name)
     create_markdown_artifact(key=artifact_key(name, "perl", "summary"), markdown=summary_markdown(metrics),
                              description="PERL: reward-model accuracy, PPO curve ends, before/after eval")
@@ -111,47 +81,32 @@ def publish(run: PerlRun, metrics: dict) -> None:
     if rm_curve:
         create_table_artifact(key=artifact_key(name, "perl", "rm-curve"), table=rm_curve,
                               description="reward-model training: loss and batch pairwise accuracy per step")
-    samples = run.samples()
-    if samples:
-        create_table_artifact(key=artifact_key(name, "perl", "samples"), table=samples,
+    shown = samples(run)
+    if shown:
+        create_table_artifact(key=artifact_key(name, "perl", "samples"), table=shown,
                               description="held-out prompts: initial policy (before) vs PPO policy (after)")
 
 
-@flow(name="perl", log_prints=True)
-def perl_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """PERL (Sidahmed et al., 2024): train a LoRA reward model on preference pairs, then PPO in which
-    only LoRA adapters (policy, value) are trained, with KL to the initial policy.
-
-    ``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``.
-    """
-    logger = get_run_logger()
-    store, recipe = open_run(run_dir, recipe_path, overrides or [])
-    with store.lock():
-        run = PerlRun(store, recipe, log=logger.info)
-        try:
-            prompts_task(run)          # PPO prompts / held-out eval prompts
-            preferences_task(run)      # pairs for the RM (file, run dir, or own samples scored)
-            run.close()                # training needs the memory more than the engine
-            reward_model_task(run)     # LoRA RM, held-out pairwise accuracy
-            ppo_task(run)              # LoRA PPO, KL to the base with adapters off
-            eval_task(run)             # held-out: before vs after
-            metrics = run.metrics()
-            publish(run, metrics)
-        finally:
-            run.close()
-    store.log_event("flow_done")
-    result = {"run_dir": str(store.root), "adapter": str(store.stage_dir(1, "ppo") / "adapter")}
+def result(run, per_iteration: list[dict]) -> dict:
+    metrics = per_iteration[-1]
+    out = {"run_dir": str(run.store.root), "adapter": str(run.store.stage_dir(1, "ppo") / "adapter")}
     rm = metrics.get("reward_model")
     if rm:
-        result["reward model held-out accuracy"] = rm.get("heldout_accuracy")
+        out["reward model held-out accuracy"] = rm.get("heldout_accuracy")
     curve = (metrics.get("ppo") or {}).get("curve") or []
     if curve:
-        result["ppo reward first -> last"] = f"{curve[0]['reward']:.4f} -> {curve[-1]['reward']:.4f} (kl {curve[-1]['kl']:.4f})"
+        out["ppo reward first -> last"] = f"{curve[0]['reward']:.4f} -> {curve[-1]['reward']:.4f} (kl {curve[-1]['kl']:.4f})"
     ev = metrics.get("eval")
     if ev:
-        result["eval reward before -> after"] = f"{_f(ev.get('reward_before'))} -> {_f(ev.get('reward_after'))}"
+        out["eval reward before -> after"] = f"{_f(ev.get('reward_before'))} -> {_f(ev.get('reward_after'))}"
         if ev.get("scorer"):
-            result[f"eval {ev['scorer']} before -> after"] = f"{_f(ev.get('scorer_before'))} -> {_f(ev.get('scorer_after'))}"
+            out[f"eval {ev['scorer']} before -> after"] = f"{_f(ev.get('scorer_before'))} -> {_f(ev.get('scorer_after'))}"
             if ev.get("scorer_gain_ci95"):
-                result[f"eval {ev['scorer']} gain"] = _gain_detail(ev, "scorer")
-    return result
+                out[f"eval {ev['scorer']} gain"] = _gain_detail(ev, "scorer")
+    return out
+
+
+perl_flow = algorithm_flow(
+    "perl", "PERL (Sidahmed et al., 2024): train a LoRA reward model on preference pairs, then PPO in which only "
+    "LoRA adapters (policy, value) are trained, with KL to the initial policy.",
+    Presentation(result=result, iteration=lambda run, t, done: publish(run, done[-1])))

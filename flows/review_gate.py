@@ -52,15 +52,8 @@ def review_gate(store, t: int, metrics: dict, *, review_url: str, timeout_s: int
     return decision
 
 
-def before_training(run, store, recipe, t: int, logger) -> None:
-    """What happens between an iteration's data and its training: release the engine if the recipe
-    asks (``train.release_engine``), then the review gate if the recipe has one and t is untrained.
-
-    The release comes first because a review can wait for hours: on a GPU the paused run would
-    otherwise hold the engine's memory for the whole wait.
-    """
-    if recipe.train.release_engine and run.close():
-        store.log_event("engine_released", t=t, stage="train")
-    review = getattr(recipe, "review", None)
-    if review is not None and review.gate and store.manifest(t, "train") is None:
-        review_gate(store, t, run.metrics(t), review_url=review.url, timeout_s=review.timeout_s, logger=logger)
+def gate_before(run, stage: str, t: int, logger) -> None:
+    """The review gate before ``stage`` of iteration t, if the recipe has one and the stage is not done."""
+    review = getattr(run.recipe, "review", None)
+    if review is not None and review.gate and run.store.manifest(t, stage) is None:
+        review_gate(run.store, t, run.metrics(t), review_url=review.url, timeout_s=review.timeout_s, logger=logger)

@@ -104,7 +104,7 @@ def judged_tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     pairs, not trained: (run dir, recipe). Tests that correct it and train copy it
     (``copy_judged_run``) instead of generating and judging it again."""
     from alignment.config import load_recipe
-    from alignment.self_rewarding import SelfRewardingRun
+    from alignment.algorithms import algorithm_run
     from alignment.store import RunStore
 
     root = tmp_path_factory.mktemp("judged")
@@ -114,10 +114,10 @@ def judged_tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     recipe_path = write_recipe(root / "r.yaml", str(tiny_model_dir), prompts)
     recipe, data = load_recipe(recipe_path)
     store = RunStore.create(root / "run", recipe=data, algorithm=recipe.algorithm)
-    run = SelfRewardingRun(store, recipe, log=lambda _: None)
+    run = algorithm_run(store, recipe, log=lambda _: None)
     try:
         for stage in ("prompts", "generate", "judge", "pairs"):
-            getattr(run, stage)(1)
+            run.run_stage(stage, 1)
     finally:
         run.close()
     return root / "run", recipe_path
@@ -128,13 +128,13 @@ def copy_judged_run(judged: tuple[Path, Path], dest: Path):
     import shutil
 
     from alignment.config import load_recipe
-    from alignment.self_rewarding import SelfRewardingRun
+    from alignment.algorithms import algorithm_run
     from alignment.store import RunStore
 
     run_dir, recipe_path = judged
     shutil.copytree(run_dir, dest)
     store = RunStore.open(dest)
-    return store, SelfRewardingRun(store, load_recipe(recipe_path)[0], log=lambda _: None)
+    return store, algorithm_run(store, load_recipe(recipe_path)[0], log=lambda _: None)
 
 
 @pytest.fixture

@@ -173,7 +173,7 @@ def test_correction_on_a_real_run_is_used_by_the_next_training(tmp_path, judged_
 
     records = [json.loads(line) for line in (store.root / CORRECTIONS_FILE).read_text().splitlines()]
     assert [(r["action"], r["prompt_id"]) for r in records] == [("exclude_pair", target)]
-    run.train(1)
+    run.run_stage("train", 1)
     info = store.manifest(1, "train")["info"]
     assert info["corrections"] == [records[0]["id"]]
     trained = [json.loads(line) for line in (store.root / info["adapter"] / "train_pairs.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ from alignment.adapter_serving import MergedAdapters, serving_mode
 from alignment.config import load_recipe
 from alignment.generation import EngineSpec, HFGenerator, Sampling, open_generator
 from alignment.models import merge_adapter
-from alignment.self_rewarding import SelfRewardingRun
+from alignment.algorithms import algorithm_run
 from alignment.store import RunStore
 from tests.conftest import write_recipe
 
@@ -86,7 +86,7 @@ def test_merged_serving_is_part_of_the_models_identity_only_with_an_adapter(tmp_
     def run(mode):
         recipe_path = write_recipe(tmp_path / f"{mode}.yaml", str(adapter), prompts_file, **{"engine.adapters": mode})
         recipe, data = load_recipe(recipe_path)
-        return SelfRewardingRun(RunStore.create(tmp_path / mode, recipe=data, algorithm=recipe.algorithm), recipe,
+        return algorithm_run(RunStore.create(tmp_path / mode, recipe=data, algorithm=recipe.algorithm), recipe,
                                 log=lambda _: None)
 
     lora, merged = run("lora"), run("merged")
@@ -95,9 +95,9 @@ def test_merged_serving_is_part_of_the_models_identity_only_with_an_adapter(tmp_
 
     base_recipe, data = load_recipe(write_recipe(tmp_path / "b.yaml", str(tiny_model_dir), prompts_file,
                                                  **{"engine.adapters": "merged"}))
-    base_run = SelfRewardingRun(RunStore.create(tmp_path / "b", recipe=data, algorithm=base_recipe.algorithm), base_recipe)
+    base_run = algorithm_run(RunStore.create(tmp_path / "b", recipe=data, algorithm=base_recipe.algorithm), base_recipe)
     base_recipe_lora, data2 = load_recipe(write_recipe(tmp_path / "c.yaml", str(tiny_model_dir), prompts_file))
-    base_lora = SelfRewardingRun(RunStore.create(tmp_path / "c", recipe=data2, algorithm=base_recipe_lora.algorithm),
+    base_lora = algorithm_run(RunStore.create(tmp_path / "c", recipe=data2, algorithm=base_recipe_lora.algorithm),
                                  base_recipe_lora)
     assert base_run.model_hash(1) == base_lora.model_hash(1)  # no adapter: the serving mode changes nothing
 
@@ -105,12 +105,12 @@ def test_merged_serving_is_part_of_the_models_identity_only_with_an_adapter(tmp_
 def test_a_merged_run_builds_each_adapter_once_in_the_run_dir(tmp_path, tiny_model_dir, prompts_file, adapter):
     recipe, data = load_recipe(write_recipe(tmp_path / "r.yaml", str(adapter), prompts_file,
                                             **{"engine.adapters": "merged"}))
-    run = SelfRewardingRun(RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm), recipe,
+    run = algorithm_run(RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm), recipe,
                            log=lambda _: None)
     try:
-        run.prompts(1)
-        run.generate(1)
-        run.judge(1)
+        run.run_stage("prompts", 1)
+        run.run_stage("generate", 1)
+        run.run_stage("judge", 1)
         merged = list((tmp_path / "run" / "merged").iterdir())
         assert len(merged) == 1 and (merged[0] / "config.json").is_file()
         assert run.generator().serving == str(adapter.resolve())

@@ -107,21 +107,21 @@ def test_a_reference_file_without_prompt_ids_is_refused(tmp_path, tiny_model_dir
 def test_eval_off_keeps_the_prompts_stage_as_it_was(tmp_path, tiny_model_dir, prompts_file):
     """Off by default: the prompts stage's inputs and recipe hash have no eval part, so runs
     without eval keep every stage's hash; the eval stage writes nothing."""
-    from alignment.self_rewarding import SelfRewardingRun
+    from alignment.algorithms import algorithm_run
     from alignment.store import hash_obj, sha256_file
 
     recipe = _preflight(tmp_path, tiny_model_dir, prompts_file)
     assert not recipe.eval.enabled
     store = RunStore.create(tmp_path / "run", recipe=recipe.model_dump(mode="json"), algorithm=recipe.algorithm)
     logs = []
-    run = SelfRewardingRun(store, recipe, log=logs.append)
-    run.prompts(1)
+    run = algorithm_run(store, recipe, log=logs.append)
+    run.run_stage("prompts", 1)
     m = store.manifest(1, "prompts")
     dumped = recipe.model_dump(mode="json")
     assert m["inputs"] == {"source": sha256_file(prompts_file)}
     assert m["recipe_hash"] == hash_obj({"prompts": dumped["prompts"], "model": dumped["model"],
                                          "backend": "transformers", "seed": 0})
     assert len(store.read_rows(1, "prompts")) == 4 and "heldout" not in m["info"]
-    assert run.eval(1) is None and store.manifest(1, "eval") is None
+    assert run.run_stage("eval", 1) is None and store.manifest(1, "eval") is None
     assert logs[-1] == "iter 1 eval: off (eval.heldout_fraction 0 and no eval.prompts); skipped"
-    assert run.stages() == recipe.STAGES
+    assert [s.name for s in run.algorithm.active(recipe)] == ["prompts", "generate", "judge", "pairs", "train"]

@@ -15,9 +15,9 @@ from alignment.config import RecipeError, load_recipe
 from alignment.generation import Completion
 from alignment.judge import judge_prompt
 from alignment.meta_rewarding import (
-    STAGES,
+    META_REWARDING,
     MetaJudgeSettings,
-    MetaRewardingRun,
+    judge_training_rows,
     build_judge_pair_rows,
     judge_rubric,
     log_odds,
@@ -28,8 +28,11 @@ from alignment.meta_rewarding import (
     tie_rates,
     verdict_from_probs,
 )
+from alignment.algorithms import algorithm_run
 from alignment.store import RunStore
 from tests.conftest import write_recipe
+
+STAGES = [name for name in META_REWARDING.names() if name != "eval"]  # eval is off in these recipes
 
 REPO = Path(__file__).resolve().parents[2]
 _JA = re.compile(r"<judgment_a>(.*?)</judgment_a>", re.DOTALL)
@@ -221,7 +224,8 @@ def test_shipped_recipes_have_paper_and_tiny_settings():
     assert [paper.trains_judge(t) for t in (1, 2, 3, 4)] == [True, True, False, False]
     tiny, _ = load_recipe(REPO / "recipes/tiny-meta-rewarding.yaml")
     assert tiny.meta_judge.mode == "logprob" and tiny.meta_judge.debias_position
-    assert type(tiny).STAGES == STAGES and STAGES.index("judge_pairs") < STAGES.index("train")
+    assert STAGES == ["prompts", "generate", "judge", "pairs", "meta_judge", "elo", "judge_pairs", "train"]
+    assert STAGES.index("judge_pairs") < STAGES.index("train")
 
 
 def test_rho_schedule_and_bad_fields(tmp_path, prompts_file):
@@ -255,13 +259,13 @@ def judged_store(tmp_path, tiny_model_dir, prompts_file):
 def test_meta_stages_resume_from_shards_and_report_agreement(judged_store):
     store, recipe = judged_store
     crashing = ScriptedGenerator(probs=_biased_probs, fail_on_call=2)
-    run = MetaRewardingRun(store, recipe, log=lambda s: None, _generator=crashing)
+    run = algorithm_run(store, recipe, log=lambda s: None, _generator=crashing)
     with pytest.raises(RuntimeError, match="killed"):
-        run.meta_judge(1)  # dies in shard 2 of 2 (shard_size 1: one prompt per shard)
+        run.run_stage("meta_judge", 1)  # dies in shard 2 of 2 (shard_size 1: one prompt per shard)
     fresh = ScriptedGenerator(probs=_biased_probs)
     logs = []
-    run = MetaRewardingRun(store, recipe, log=logs.append, _generator=fresh)
-    run.meta_judge(1)
+    run = algorithm_run(store, recipe, log=logs.append, _generator=fresh)
+    run.run_stage("meta_judge", 1)
     assert fresh.chat_calls == 1  # only the missing shard
     battles = store.read_rows(1, "meta_judge")
     assert len(battles) == 12 and {b["prompt_id"] for b in battles} == {"p", "q"}
@@ -269,11 +273,11 @@ def test_meta_stages_resume_from_shards_and_report_agreement(judged_store):
     assert (info["meta_prompts"], info["all_agree"], info["all_agree_ids"]) == (2, 1, ["z"])
     assert info["failed_battles"] == 0 and info["modes"] == {"logprob": 12}
     assert any("all agree" in line for line in logs)
-    run.elo(1)
-    stats = run.judge_pairs(1)
+    run.run_stage("elo", 1)
+    stats = run.run_stage("judge_pairs", 1)
     assert stats["judge_pairs"] == 2 and stats["all_agree"] == 1
     # the judge pairs join the actor pairs in the one DPO step of iteration 1
-    extra = run.extra_training_rows(1)
+    extra = judge_training_rows(run, 1)
     assert len(extra) == 2 and set(extra[0]) == {"prompt", "chosen", "rejected"}
     assert extra[0]["prompt"].startswith("Review the user's question")
 
@@ -281,13 +285,13 @@ def test_meta_stages_resume_from_shards_and_report_agreement(judged_store):
 def test_judge_training_off_makes_no_meta_judge_calls(judged_store):
     store, recipe = judged_store
     gen = ScriptedGenerator(probs=_biased_probs)
-    run = MetaRewardingRun(store, recipe, log=lambda s: None, _generator=gen)
-    run.meta_judge(2)
-    run.elo(2)
-    stats = run.judge_pairs(2)
+    run = algorithm_run(store, recipe, log=lambda s: None, _generator=gen)
+    run.run_stage("meta_judge", 2)
+    run.run_stage("elo", 2)
+    stats = run.run_stage("judge_pairs", 2)
     assert gen.chat_calls == 0 and gen.prob_calls == 0
     assert stats["judge_training"] is False and store.read_rows(2, "judge_pairs") == []
-    assert run.extra_training_rows(2) == []
+    assert judge_training_rows(run, 2) == []
 
 
 # ------------------------------------------------------------------------------ the flow

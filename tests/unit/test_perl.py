@@ -149,7 +149,9 @@ def test_recipe_validation_messages(tmp_path):
     with pytest.raises(RecipeError, match="multiple of num_mini_batches"):
         parse_recipe(base | {"reward_model": {"data": {"source": "x"}}, "ppo": {"batch_size": 3, "num_mini_batches": 2}})
     ok = parse_recipe(base | {"reward": {"source": "function", "function": "m:f"}})
-    assert ok.iterations == 1 and ok.STAGES == ["prompts", "preferences", "reward_model", "ppo", "eval"]
+    from alignment.perl import PERL
+
+    assert ok.iterations == 1 and PERL.names() == ["prompts", "preferences", "reward_model", "ppo", "eval"]
 
 
 def test_shipped_perl_recipes_load():
@@ -377,7 +379,7 @@ def test_perl_flow_end_to_end_and_resume(tmp_path, tiny_model_dir, prompts_file,
 
 
 def test_generated_preferences_are_sharded_scored_and_ranked(tmp_path, tiny_model_dir, rewards_file):
-    from alignment.perl import PerlRun
+    from alignment.algorithms import algorithm_run
     from alignment.runs import open_run
 
     prompts = tmp_path / "p.jsonl"
@@ -388,10 +390,10 @@ def test_generated_preferences_are_sharded_scored_and_ranked(tmp_path, tiny_mode
         "reward_model.data.generate.max_tokens": 8, "reward_model.data.generate.pairs_per_prompt": 2})
     store, cfg = open_run(tmp_path / "run", recipe, [])
     logs: list[str] = []
-    run = PerlRun(store, cfg, log=logs.append)
+    run = algorithm_run(store, cfg, log=logs.append)
     try:
-        run.prompts()
-        run.preferences()
+        run.run_stage("prompts", 1)
+        run.run_stage("preferences", 1)
     finally:
         run.close()
     assert [m for m in logs if "preferences: shard" in m][-1].startswith("iter 1 preferences: shard 3/3")
@@ -489,7 +491,7 @@ def test_eval_before_and_after_differ_only_by_the_adapter(tmp_path, request, rew
     that changes nothing (LoRA B = 0) every before answer equals its after answer."""
     import shutil
 
-    from alignment.perl import PerlRun
+    from alignment.algorithms import algorithm_run
     from alignment.runs import open_run
 
     model = request.getfixturevalue("tiny_model_dir" if backend == "transformers" else "embedded_dir")
@@ -500,13 +502,13 @@ def test_eval_before_and_after_differ_only_by_the_adapter(tmp_path, request, rew
         "eval.max_prompts": 4, "eval.samples": 2, "eval.temperature": 1.0, "eval.top_p": 1.0, "eval.max_tokens": 12,
         "engine.backend": backend})
     store, cfg = open_run(tmp_path / "run", recipe, [])
-    run = PerlRun(store, cfg, log=lambda _: None)
-    run.prompts()
+    run = algorithm_run(store, cfg, log=lambda _: None)
+    run.run_stage("prompts", 1)
     adapter = zero_lora_adapter(tmp_path / "zero", model)
     store.commit_dir(1, "ppo", lambda tmp: [shutil.copy(f, tmp / f.name) for f in adapter.iterdir()],
                      inputs={}, recipe_hash="x")
     try:
-        run.eval()
+        run.run_stage("eval", 1)
     finally:
         run.close()
     rows = store.read_rows(1, "eval")

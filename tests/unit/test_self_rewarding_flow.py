@@ -5,7 +5,7 @@ import json
 import pytest
 
 from alignment.config import load_recipe
-from alignment.self_rewarding import SelfRewardingRun
+from alignment.algorithms import algorithm_run
 from alignment.store import RunStore
 from tests.conftest import copy_judged_run, write_recipe
 
@@ -81,9 +81,10 @@ def test_no_pairs_skips_training_with_a_warning(tmp_path, tiny_model_dir, prompt
     recipe, data = load_recipe(recipe_path)
     store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
     logs = []
-    run = SelfRewardingRun(store, recipe, log=logs.append)
+    run = algorithm_run(store, recipe, log=logs.append)
     store.write_rows(1, "pairs", [], inputs={}, recipe_hash="x")
-    assert run.train(1) is None
+    run.run_stage("train", 1)
+    assert run.adapter(1) is None
     assert any("no preference pairs" in line for line in logs)
     assert store.manifest(1, "train")["info"]["trained"] is False
     assert run.model(2).adapter is None
@@ -100,7 +101,8 @@ def test_training_applies_review_corrections(tmp_path, judged_tiny_run):
     excluded, swapped = pairs[0], pairs[1]
     c1 = add_correction(store, {"iteration": 1, "action": "exclude_pair", "prompt_id": excluded["prompt_id"], "who": "t"})
     c2 = add_correction(store, {"iteration": 1, "action": "swap", "prompt_id": swapped["prompt_id"], "who": "t"})
-    adapter = run.train(1)
+    run.run_stage("train", 1)
+    adapter = run.adapter(1)
     info = store.manifest(1, "train")["info"]
     assert sorted(info["corrections"]) == sorted([c1["id"], c2["id"]])
     trained = [_json.loads(line) for line in (store.root / info["adapter"] / "train_pairs.jsonl").read_text().splitlines()]
@@ -127,12 +129,14 @@ def test_no_pairs_from_an_adapter_outside_the_run_dir_keeps_that_adapter(tmp_pat
     recipe_path = write_recipe(tmp_path / "r.yaml", str(adapter), prompts_file)
     recipe, data = load_recipe(recipe_path)
     store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
-    run = SelfRewardingRun(store, recipe, log=lambda _: None)
+    run = algorithm_run(store, recipe, log=lambda _: None)
     store.write_rows(1, "pairs", [], inputs={}, recipe_hash="x")
-    assert run.train(1) == str(adapter.resolve())
+    run.run_stage("train", 1)
+    assert run.adapter(1) == str(adapter.resolve())
     assert store.manifest(1, "train")["info"]["trained"] is False
     assert run.model(2).adapter == str(adapter.resolve())
-    assert run.train(1) == str(adapter.resolve())  # and again when the stage is skipped
+    run.run_stage("train", 1)
+    assert run.adapter(1) == str(adapter.resolve())  # and again when the stage is skipped
 
 
 def test_engine_lora_rank_fits_the_starting_adapter(tmp_path, tiny_model_dir, prompts_file):
@@ -141,7 +145,7 @@ def test_engine_lora_rank_fits_the_starting_adapter(tmp_path, tiny_model_dir, pr
     adapter = _outside_adapter(tmp_path / "outside-adapter", tiny_model_dir, r=32)
     recipe_path = write_recipe(tmp_path / "r.yaml", str(adapter), prompts_file, **{"train.lora.r": 8})
     recipe, data = load_recipe(recipe_path)
-    run = SelfRewardingRun(RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm), recipe,
+    run = algorithm_run(RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm), recipe,
                            log=lambda _: None)
     try:
         assert run.generator().spec.max_lora_rank == lora_rank_slot(32) == 32

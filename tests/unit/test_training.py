@@ -4,7 +4,7 @@ adapter's LoRA shape (which training keeps) is reported against the recipe's."""
 import json
 
 from alignment.config import load_recipe
-from alignment.self_rewarding import SelfRewardingRun
+from alignment.algorithms import algorithm_run
 from alignment.store import RunStore
 from alignment.training import DPOSpec, train_dpo, truncation_report, truncation_warnings
 from tests.conftest import write_recipe
@@ -50,13 +50,13 @@ def test_train_stage_reports_dropped_and_cut_pairs_in_manifest_and_log(tmp_path,
     recipe, data = load_recipe(recipe_path)
     store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
     logs = []
-    run = SelfRewardingRun(store, recipe, log=logs.append)
+    run = algorithm_run(store, recipe, log=logs.append)
     store.write_rows(1, "pairs", [
         {"prompt_id": "a", "prompt": "Short question?", "chosen": "Short answer.", "rejected": "No."},
         {"prompt_id": "b", "prompt": LONG, "chosen": "A.", "rejected": "B."},
         {"prompt_id": "c", "prompt": "Another?", "chosen": LONG, "rejected": "No."},
     ], inputs={}, recipe_hash="x")
-    run.train(1)
+    run.run_stage("train", 1)
     info = store.manifest(1, "train")["info"]
     assert (info["pairs"], info["trained_rows"], info["dropped"], info["truncated"]) == (3, 2, 1, 1)
     assert any("WARNING iter 1 train: 1 pair rows dropped" in line for line in logs), logs
