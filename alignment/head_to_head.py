@@ -18,7 +18,7 @@ from typing import Sequence
 
 from alignment.evaluation import bootstrap_ci, length_controlled_win_rate, win_rate
 from alignment.generation import Generator, Sampling, derive_seed
-from alignment.meta_judge import parse_verdict
+from alignment.meta_judge import parse_verdict, verdict_from_probs
 from alignment.prompts import render
 
 ORDERS = ("candidate_first", "baseline_first")
@@ -59,14 +59,6 @@ def same_answer(a: str, b: str) -> bool:
 def letter_probs(candidate_probs: dict[str, float]) -> tuple[float, float]:
     """(p(A), p(B)) after "Winner:", each the sum over its spellings (" A" and "A")."""
     return tuple(sum(candidate_probs.get(s, 0.0) for s in LETTER_CANDIDATES[x]) for x in ("A", "B"))
-
-
-def verdict_from_probs(p_a: float, p_b: float, min_mass: float = 0.0) -> str | None:
-    """"A" if p(A) > p(B), "B" if p(B) > p(A); None when p(A) + p(B) is 0 or below ``min_mass``
-    (the judge was not about to name an answer) or when they are equal."""
-    if p_a + p_b <= 0 or p_a + p_b < min_mass or p_a == p_b:
-        return None
-    return "A" if p_a > p_b else "B"
 
 
 def pair_outcome(candidate_first: str | None, baseline_first: str | None) -> float | None:
@@ -118,7 +110,7 @@ def compare(
                          for conv, text in zip(convs, texts)]
             candidates = tuple(s for spellings in LETTER_CANDIDATES.values() for s in spellings)
             probs = generator.next_token_probs(continued, candidates, adapter=adapter)
-            found = [verdict_from_probs(*letter_probs(p), settings.min_verdict_mass) for p in probs]
+            found = [verdict_from_probs(*letter_probs(p), min_mass=settings.min_verdict_mass) for p in probs]
             texts = [text.rstrip() + VERDICT_PREFIX + (f" {v}" if v else "") for text, v in zip(texts, found)]
         else:
             found = [parse_verdict(text) for text in texts]

@@ -45,6 +45,7 @@ class Run:
     _generator: Generator | None = field(default=None, repr=False)
     _base: ResolvedModel | None = field(default=None, repr=False)
     _tokenizer: object = field(default=None, repr=False)
+    models_read: list[int] | None = field(default=None, repr=False)  # the t of each model_hash(t) (planning)
 
     # ---- the model chain ---------------------------------------------------------------
     @property
@@ -71,6 +72,8 @@ class Run:
     def model_hash(self, t: int) -> str:
         """Identity of M_t for stage inputs: the recipe's model, the adapter's weights, and how the
         engine serves the adapter when that is not per request (merged weights sample differently)."""
+        if self.models_read is not None:
+            self.models_read.append(t)
         m = self.model(t)
         if m.adapter is None:
             return hash_obj({"model": self.recipe.model})

@@ -62,6 +62,35 @@ _HEDGE_RE = re.compile(
 )
 
 
+# log p(" A") − log p(" B") with probabilities floored here, so a candidate missing from vLLM's
+# top-k logprobs gives a large finite log-odds instead of infinity.
+PROB_FLOOR = 1e-12
+LOG_ODDS_TOL = 1e-12
+
+
+def log_odds(p_a: float, p_b: float) -> float | None:
+    """ℓ = ln p(A) − ln p(B) (probabilities floored at ``PROB_FLOOR``); None if neither has mass."""
+    if p_a <= 0 and p_b <= 0:
+        return None
+    return math.log(max(p_a, PROB_FLOOR)) - math.log(max(p_b, PROB_FLOOR))
+
+
+def verdict_from_probs(p_a: float, p_b: float, offset: float = 0.0, *, min_mass: float = 0.0) -> str | None:
+    """"A" if ln p(A) − ln p(B) − offset > 0, "B" if < 0; None when p(A) + p(B) is 0 or below
+    ``min_mass`` (the judge was not about to name one) or the difference is 0.
+
+    ``offset`` = 0 is the plain argmax of p(A) vs p(B) (the meta-judge's verdict, the eval
+    stage's pairwise verdict). With ``offset`` = the prompt's mean log-odds
+    (``alignment.meta_rewarding.position_offsets``) the verdict is position-debiased.
+    """
+    if p_a + p_b <= 0 or p_a + p_b < min_mass:
+        return None
+    ell = log_odds(p_a, p_b)
+    if ell is None or abs(ell - offset) <= LOG_ODDS_TOL:
+        return None
+    return "A" if ell > offset else "B"
+
+
 def parse_verdict(text: str) -> str | None:
     """"A" or "B" from the meta-judge's output, or None for a failed meta-judgment.
 

@@ -30,7 +30,6 @@ stages inserted after them, and the judge pairs added to training. Nothing here 
 from __future__ import annotations
 
 import collections
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +37,8 @@ from dataclasses import dataclass, replace
 from alignment.generation import Generator, Sampling, derive_seed
 from alignment.judge import judge_prompt
 from alignment.meta_judge import (
+    log_odds,
+    verdict_from_probs,
     battle_plan,
     battle_scores,
     judge_pair,
@@ -102,19 +103,6 @@ class MetaJudgeSettings:
     min_verdict_mass: float = 0.0  # logprob mode: below this p(" A") + p(" B") the battle fails
 
 
-# log p(" A") − log p(" B") with probabilities floored here, so a candidate missing from vLLM's
-# top-k logprobs gives a large finite log-odds instead of infinity.
-PROB_FLOOR = 1e-12
-LOG_ODDS_TOL = 1e-12
-
-
-def log_odds(p_a: float, p_b: float) -> float | None:
-    """ℓ = ln p(A) − ln p(B) (probabilities floored at ``PROB_FLOOR``); None if neither has mass."""
-    if p_a <= 0 and p_b <= 0:
-        return None
-    return math.log(max(p_a, PROB_FLOOR)) - math.log(max(p_b, PROB_FLOOR))
-
-
 def position_offsets(plan_keys: Sequence[str], odds: Sequence[float | None]) -> dict[str, float]:
     """Per prompt: the mean log-odds ℓ̄ over its battles — the meta-judge's position prior.
 
@@ -127,18 +115,6 @@ def position_offsets(plan_keys: Sequence[str], odds: Sequence[float | None]) -> 
         if value is not None:
             sums[key].append(value)
     return {key: statistics.fmean(values) for key, values in sums.items()}
-
-
-def verdict_from_probs(p_a: float, p_b: float, offset: float = 0.0) -> str | None:
-    """"A" if ln p(A) − ln p(B) − offset > 0, "B" if < 0, None if neither has mass or exactly 0.
-
-    ``offset`` = 0 is the plain argmax of p(" A") vs p(" B"). With ``offset`` = the prompt's
-    mean log-odds (:func:`position_offsets`) the verdict is position-debiased.
-    """
-    ell = log_odds(p_a, p_b)
-    if ell is None or abs(ell - offset) <= LOG_ODDS_TOL:
-        return None
-    return "A" if ell > offset else "B"
 
 
 def meta_judge_battles(
@@ -197,7 +173,7 @@ def meta_judge_battles(
         offset = offsets.get(item["prompt_id"], 0.0)
         if logprob:
             p_a, p_b = p.get(VERDICT_TOKENS["A"], 0.0), p.get(VERDICT_TOKENS["B"], 0.0)
-            verdict = verdict_from_probs(p_a, p_b, offset) if p_a + p_b >= settings.min_verdict_mass else None
+            verdict = verdict_from_probs(p_a, p_b, offset, min_mass=settings.min_verdict_mass)
             text = c.text.rstrip() + VERDICT_PREFIX + (f" {verdict}" if verdict else "")
             battle = {"a": a, "b": b, "verdict": verdict, "text": text}
         else:

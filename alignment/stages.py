@@ -325,36 +325,62 @@ def release_engine(run, stage: Stage, t: int) -> None:
         run.store.log_event("engine_released", t=t, stage=stage.name)
 
 
-def plan(run, t: int) -> list[dict]:
-    """What :func:`execute` would do with each stage of iteration ``t``, without running anything:
-    rows ``{"iteration", "stage", "state", "reason"}``; state is ``done``, ``redo`` (the stored
-    output is stale or damaged: reason), ``resume`` (shards on disk), ``run`` (not started),
-    ``waits`` (an upstream stage or the previous iteration is not done: reason) or ``off``."""
-    rows = []
-    for stage in run.algorithm.stages:
-        row = {"iteration": t, "stage": stage.name, "state": "", "reason": ""}
-        off = stage.off(run.recipe)
-        if off is not None:
-            rows.append(row | {"state": "off", "reason": off})
-            continue
-        try:
-            inputs, recipe_hash = stage_inputs(run, stage, t), stage_recipe_hash(run, stage, t)
-        except (StoreError, RuntimeError) as err:
-            rows.append(row | {"state": "waits", "reason": _waits_reason(err)})
-            continue
-        ok, reason = run.store.check_stage(t, stage.name, inputs=inputs, recipe_hash=recipe_hash)
-        state = ("done" if ok else "run" if reason == "not started"
-                 else "resume" if reason.startswith("partial") else "redo")
-        rows.append(row | {"state": state, "reason": "" if state in ("done", "run") else reason})
+def plan(run) -> list[dict]:
+    """What running the run would do with each stage, without running anything.
+
+    Rows ``{"iteration", "stage", "state", "reason"}``, state one of: ``done`` (kept), ``redo``
+    (stored output stale or damaged, or made from an upstream output that will change: reason),
+    ``resume`` (shards on disk), ``run`` (not started), ``off`` (this recipe does not run it).
+    A stage is stale when it reads a stage of its iteration that will run, or a model M_t whose
+    training (iteration t−1's ``train``) will run.
+    """
+    rows, pending = [], set()  # pending: (t, stage) that will run
+    for t in run.iterations():
+        for stage in run.algorithm.stages:
+            row = {"iteration": t, "stage": stage.name}
+            off = stage.off(run.recipe)
+            if off is not None:
+                rows.append(row | {"state": "off", "reason": off})
+                continue
+            state, reason = _planned(run, stage, t, pending)
+            if state != "done":
+                pending.add((t, stage.name))
+            rows.append(row | {"state": state, "reason": reason})
     return rows
 
 
-def _waits_reason(err: Exception) -> str:
-    """"on iter_1/judge" for an upstream stage that is not complete; else the error's text."""
+def _planned(run, stage: Stage, t: int, pending: set) -> tuple[str, str]:
+    stored = run.store.manifest(t, stage.name) is not None
+    after = [s for s in stage.reads if (t, s) in pending]
+    missing = None
+    run.models_read = []
+    try:
+        if stage.model:  # first, so that a missing upstream output does not hide which model it reads
+            run.model_hash(t)
+        inputs, recipe_hash = stage_inputs(run, stage, t), stage_recipe_hash(run, stage, t)
+    except (StoreError, RuntimeError) as err:  # an upstream output or a model that does not exist yet
+        missing = _missing(err)
+    finally:
+        models, run.models_read = run.models_read, None
+    after += [f"M_{k} (iteration {k - 1} train)" for k in sorted(set(models)) if k > 1 and (k - 1, "train") in pending]
+    if missing and not after:
+        after = [missing]
+    if after:
+        return ("redo" if stored else "run"), "after " + ", ".join(dict.fromkeys(after))
+    ok, reason = run.store.check_stage(t, stage.name, inputs=inputs, recipe_hash=recipe_hash)
+    if ok:
+        return "done", ""
+    if reason == "not started":
+        return "run", ""
+    return ("resume" if reason.startswith("partial") else "redo"), reason
+
+
+def _missing(err: Exception) -> str:
+    """"iter_1/judge" for an upstream stage that is not complete; else the error's text."""
     text = str(err)
     if " is not complete" in text:
         where = Path(text.split(" is not complete")[0])
-        return f"on {where.parent.name}/{where.name}"
+        return f"{where.parent.name}/{where.name}"
     return text
 
 

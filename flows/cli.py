@@ -373,6 +373,60 @@ def cmd_review(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from alignment.algorithms import ALGORITHMS, algorithm_run
+    from alignment.runs import load_for_run
+    from alignment.stages import plan
+    from alignment.store import RUN_FILE, RunStore
+
+    target = Path(args.target)
+    is_run = (target / RUN_FILE).is_file()
+    try:
+        recipe, _, _ = load_for_run(target if is_run else None, None if is_run else target, args.set or [])
+        algorithm = ALGORITHMS[recipe.algorithm]
+        run = algorithm_run(RunStore.open(target) if is_run else None, recipe, log=lambda _: None)
+        states = {(r["iteration"], r["stage"]): r for r in plan(run)} if is_run else {}
+    except _user_errors() as err:
+        return _fail(str(err))
+    print(f"plan of {'run' if is_run else 'recipe'} {target}: {recipe.algorithm}, {recipe.iterations} "
+          f"iteration{'s' if recipe.iterations > 1 else ''}, model {recipe.model}"
+          + ("" if is_run else " (nothing run yet)"))
+    for t in run.iterations():
+        print(f"iteration {t}")
+        for stage in algorithm.stages:
+            off = stage.off(recipe)
+            row = states.get((t, stage.name)) or {"state": "off" if off else "run", "reason": off or ""}
+            print(f"  {stage.name:<13} {row['state']:<7} {_declared(run, stage, t, row['reason'])}")
+    return 0
+
+
+def _declared(run, stage, t: int, reason: str) -> str:
+    """What a plan line says beyond the state: the reason, what the stage reads and which settings count."""
+    if reason and stage.off(run.recipe):
+        return f"({reason})"
+    reads = list(stage.reads) + ([f"M_{t}"] if stage.model else [])
+    settings = stage.settings(run, t) if stage.settings else {}
+    shown = {k: v for k, v in settings.items() if not isinstance(v, dict)}  # rho, beta, on ...; not whole sections
+    parts = ([f"({reason})"] if reason else []) + [f"reads {', '.join(reads)}" if reads else "reads inputs only"]
+    if stage.fields:
+        parts.append("recipe " + _fields(stage.fields))
+    if shown:
+        parts.append(", ".join(f"{k}={v}" for k, v in shown.items()))
+    if stage.sharded:
+        parts.append("sharded")
+    return "; ".join(parts)
+
+
+def _fields(fields: tuple[str, ...]) -> str:
+    """("meta_judge.mode", "meta_judge.top_p", "model") -> "meta_judge.{mode, top_p}, model"."""
+    groups: dict[str, list[str]] = {}
+    for f in fields:
+        head, _, tail = f.partition(".")
+        groups.setdefault(head, []).append(tail)
+    return ", ".join(head if tails == [""] else f"{head}.{tails[0]}" if len(tails) == 1
+                     else f"{head}.{{{', '.join(tails)}}}" for head, tails in groups.items())
+
+
 def cmd_export(args) -> int:
     from alignment.export import ExportError, export_model
     from alignment.models import ModelError
@@ -466,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="per iteration and stage: done / partial / not started, and the last error")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("plan", help="print the stage plan of a recipe, or of a run: what is done, what would "
+                       "run or be redone and why (runs nothing)")
+    p.add_argument("target", metavar="RECIPE_OR_RUN")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="plan with a changed setting (a run: what that change would redo)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("review", help="serve the review web UI over a run directory")
     p.add_argument("run_dir")

@@ -6,11 +6,12 @@ and a length-stats table over all iterations so far.
 
 from __future__ import annotations
 
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from alignment.report import last_eval_line
 from flows.common import artifact_key, publish_iteration
-from flows.stage_flow import Presentation, algorithm_flow
+from flows.stage_flow import Presentation, run_stages
 
 ARTIFACT_ROWS = 200
 
@@ -100,8 +101,14 @@ def result(run, per_iteration: list[dict]) -> dict:
     return out
 
 
-meta_rewarding_flow = algorithm_flow(
-    "meta-rewarding",
-    "Meta-Rewarding (Wu et al., 2024): for t = 1..T, M_t acts, judges and meta-judges its own judgments; actor "
-    "pairs and (in judge-training iterations) judge pairs train M_{t+1} together.",
-    Presentation(result=result, iteration=publish))
+SHOW = Presentation(result=result, iteration=publish)
+
+
+@flow(name="meta-rewarding", log_prints=True)
+def meta_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Meta-Rewarding (Wu et al., 2024): for t = 1..T, M_t acts, judges and meta-judges its own judgments;
+    actor pairs and (in judge-training iterations) judge pairs train M_{t+1} together.
+
+    ``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``.
+    """
+    return run_stages(run_dir, recipe_path, overrides, SHOW)

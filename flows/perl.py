@@ -8,11 +8,12 @@ curves per step, and sample generations of the initial and the PPO policy side b
 
 from __future__ import annotations
 
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from alignment.perl import samples
 from flows.common import artifact_key
-from flows.stage_flow import Presentation, algorithm_flow
+from flows.stage_flow import Presentation, run_stages
 
 def _f(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
@@ -106,7 +107,14 @@ def result(run, per_iteration: list[dict]) -> dict:
     return out
 
 
-perl_flow = algorithm_flow(
-    "perl", "PERL (Sidahmed et al., 2024): train a LoRA reward model on preference pairs, then PPO in which only "
-    "LoRA adapters (policy, value) are trained, with KL to the initial policy.",
-    Presentation(result=result, iteration=lambda run, t, done: publish(run, done[-1])))
+SHOW = Presentation(result=result, iteration=lambda run, t, done: publish(run, done[-1]))
+
+
+@flow(name="perl", log_prints=True)
+def perl_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """PERL (Sidahmed et al., 2024): train a LoRA reward model on preference pairs, then PPO in which
+    only LoRA adapters (policy, value) are trained, with KL to the initial policy.
+
+    ``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``.
+    """
+    return run_stages(run_dir, recipe_path, overrides, SHOW)

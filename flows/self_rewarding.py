@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from prefect import flow
+
 from alignment.report import last_eval_line
 from flows.common import publish_iteration
-from flows.stage_flow import Presentation, algorithm_flow
+from flows.stage_flow import Presentation, run_stages
 
 
 def publish(run, t: int, per_iteration: list[dict]) -> None:
@@ -20,6 +22,13 @@ def result(run, per_iteration: list[dict]) -> dict:
     return out
 
 
-self_rewarding_flow = algorithm_flow(
-    "self-rewarding", "Self-Rewarding (Yuan et al., 2024): for t = 1..T, M_t writes, judges and trains M_{t+1}.",
-    Presentation(result=result, iteration=publish))
+SHOW = Presentation(result=result, iteration=publish)
+
+
+@flow(name="self-rewarding", log_prints=True)
+def self_rewarding_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Self-Rewarding (Yuan et al., 2024): for t = 1..T, M_t writes, judges and trains M_{t+1}.
+
+    ``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``.
+    """
+    return run_stages(run_dir, recipe_path, overrides, SHOW)

@@ -5,11 +5,12 @@ of every iteration side by side.
 
 from __future__ import annotations
 
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from alignment.spin import summary_markdown, training_curve
 from flows.common import artifact_key
-from flows.stage_flow import Presentation, algorithm_flow
+from flows.stage_flow import Presentation, run_stages
 
 def _cut(s: str | None, n: int = 300) -> str:
     s = s or ""
@@ -61,7 +62,14 @@ def result(run, per_iteration: list[dict]) -> dict:
     return out
 
 
-spin_flow = algorithm_flow(
-    "spin", "SPIN (Chen et al., 2024): for t = 1..T, M_t answers the SFT prompts; the real answers are preferred "
-    "over its own and M_{t+1} is trained with M_t as the reference.",
-    Presentation(result=result, iteration=lambda run, t, done: publish_iteration(run, t, done[-1]), end=publish_eval))
+SHOW = Presentation(result=result, iteration=lambda run, t, done: publish_iteration(run, t, done[-1]), end=publish_eval)
+
+
+@flow(name="spin", log_prints=True)
+def spin_flow(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """SPIN (Chen et al., 2024): for t = 1..T, M_t answers the SFT prompts; the real answers are
+    preferred over its own and M_{t+1} is trained with M_t as the reference.
+
+    ``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``.
+    """
+    return run_stages(run_dir, recipe_path, overrides, SHOW)

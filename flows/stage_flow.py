@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from alignment.algorithms import algorithm_run
@@ -41,7 +41,8 @@ class Presentation:
 
 
 def run_stages(run_dir: str, recipe_path: str | None, overrides: list[str] | None, show: Presentation) -> dict:
-    """The body of every algorithm's flow."""
+    """The body of every algorithm's flow (each flow is a named ``@flow`` function in its own
+    module calling this, so that a Prefect deployment finds it at a stable entrypoint)."""
     logger = get_run_logger()
     store, recipe = open_run(run_dir, recipe_path, overrides or [])
     per_iteration: list[dict] = []
@@ -63,14 +64,3 @@ def run_stages(run_dir: str, recipe_path: str | None, overrides: list[str] | Non
             run.close()
     store.log_event("flow_done")
     return show.result(run, per_iteration)
-
-
-def algorithm_flow(name: str, doc: str, show: Presentation):
-    """The Prefect flow ``name`` (an algorithm's name) running its stages with ``show``."""
-
-    def body(run_dir: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> dict:
-        return run_stages(run_dir, recipe_path, overrides, show)
-
-    body.__doc__ = doc + "\n\n``recipe_path=None`` resumes the run with the recipe stored in ``run_dir``."
-    body.__name__ = body.__qualname__ = name.replace("-", "_") + "_flow"
-    return flow(name=name, log_prints=True)(body)

@@ -90,7 +90,7 @@ def test_the_library_does_not_import_prefect():
 
 def test_a_wheel_carries_the_prompt_templates(tmp_path):
     """A non-editable install finds the templates: build the wheel, import the package from it
-    (outside the checkout) and render every template."""
+    (outside the checkout), render every template and plan a shipped recipe with its CLI."""
     import shutil
     import subprocess
     import sys
@@ -110,6 +110,12 @@ def test_a_wheel_carries_the_prompt_templates(tmp_path):
              "assert pathlib.Path(p.__file__).is_relative_to(pathlib.Path.cwd()), p.__file__; "
              "names = p.available(); assert {'judge', 'meta_judge', 'self_instruct'} <= set(names), names; "
              "print(p.render('judge', **{v: 'x' for v in p.declared_variables('judge')})[:20])")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=installed, capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(installed)})
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(installed)}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=installed, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
+    # The installed CLI plans a shipped recipe (the stage lists and their modules are in the wheel).
+    plan = subprocess.run([sys.executable, "-c", "import sys, flows.cli as c; sys.exit(c.main(sys.argv[1:]))", "plan",
+                           str(ROOT / "recipes" / "tiny-meta-rewarding.yaml")], cwd=installed, capture_output=True,
+                          text=True, env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "meta_judge" in plan.stdout and "iteration 2" in plan.stdout
