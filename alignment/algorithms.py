@@ -13,7 +13,7 @@ from alignment.perl import PERL
 from alignment.self_rewarding import SELF_REWARDING
 from alignment.spin import SPIN
 from alignment.stages import Algorithm
-from alignment.store import StoreError
+from alignment.files import StoreError
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (SELF_REWARDING, META_REWARDING, SPIN, PERL)}
 

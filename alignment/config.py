@@ -276,7 +276,8 @@ def load_algorithms() -> None:
     # Recipe models of the other algorithms live next to their logic; importing registers them.
     import importlib
 
-    for module in ("alignment.meta_rewarding_config", "alignment.spin_config", "alignment.perl_config"):
+    for module in ("alignment.meta_rewarding_config", "alignment.spin_config", "alignment.perl_config",
+                   "alignment.pipeline_config"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
@@ -291,6 +292,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if not loc and msg.startswith("field "):  # a whole-recipe check that names its field itself
+        return f"{source}: {msg}{more}"
     return f"{source}: field {loc or '<root>'}: {msg}{more}"
 
 
@@ -330,6 +333,23 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> RecipeBase:
         raise RecipeError(_format_error(source, err)) from None
 
 
+PATH_FIELDS = ("prompts.source", "data.source", "reward_model.data.source", "reward_model.path",
+               "eval.prompts", "eval.reference")
+
+
+def resolve_paths(data: dict, base: Path) -> None:
+    """Make the dataset and model paths of a recipe dict (``PATH_FIELDS``) that exist relative to
+    ``base`` absolute, in place."""
+    for dotted in PATH_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        src = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(src, str) and not Path(src).is_absolute() and (base / src).exists():
+            node[leaf] = str((base / src).resolve())
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeBase, dict[str, Any]]:
     """Read, override and validate a recipe; return the model and the resolved dict.
 
@@ -356,15 +376,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeBase
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     data = apply_overrides(data, list(overrides))
-    # Dataset and model paths in a recipe are relative to the recipe file.
-    for dotted in ("prompts.source", "data.source", "reward_model.data.source", "reward_model.path",
-                   "eval.prompts", "eval.reference"):
-        *parents, leaf = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        src = node.get(leaf) if isinstance(node, dict) else None
-        if isinstance(src, str) and not Path(src).is_absolute() and (path.parent / src).exists():
-            node[leaf] = str((path.parent / src).resolve())
+    # Dataset and model paths in a recipe (and in a pipeline's steps) are relative to the recipe file.
+    for body in [data] + [s for s in data.get("steps") or [] if isinstance(s, dict)]:
+        resolve_paths(body, path.parent)
     recipe = parse_recipe(data, str(path))
     return recipe, recipe.model_dump(mode="json")

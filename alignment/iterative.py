@@ -19,7 +19,8 @@ from alignment.adapter_serving import MergedAdapters, serving_mode
 from alignment.generation import EngineSpec, Generator, choose_backend, has_cuda, open_generator
 from alignment.models import ResolvedModel, adapter_rank, merge_adapter, resolve, with_adapter
 from alignment.stages import Algorithm, Log, Progress, execute
-from alignment.store import RunStore, hash_obj, sha256_file
+from alignment.files import hash_obj, sha256_file
+from alignment.store import RunStore
 
 
 def adapter_digest(adapter: str | Path) -> str:

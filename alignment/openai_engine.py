@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 from alignment.generation import (CPU_BATCHED_TOKENS, CPU_SEEDABLE, MAX_LOGPROBS, USER_CPU_ENV, Completion,
                                   Conversation, EngineSpec, GenerationError, Sampling, candidate_probs,
                                   cpu_engine_env, request_seeds)
-from alignment.store import sha256_file
+from alignment.files import sha256_file
 
 # Transport errors and these statuses are retried (a server restarting or overloaded); any other
 # 4xx is final at once: the request itself is wrong, and sending it again cannot help.

@@ -34,7 +34,8 @@ from alignment.perl_config import PreferenceDataConfig
 from alignment.perl_data import (call_reward, is_run_dir, load_preferences, load_reward_function,
                                  pairs_from_scores, split_by_prompt)
 from alignment.stages import Algorithm, Directory, Stage, Table
-from alignment.store import RunStore, StoreError, hash_obj, sha256_file
+from alignment.files import StoreError, hash_obj, sha256_file
+from alignment.store import RunStore
 
 def mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None]

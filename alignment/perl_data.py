@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from alignment.data import DataError, prompt_id, read_records
 from alignment.models import ModelError, resolve
-from alignment.store import RunStore, hash_obj
+from alignment.files import hash_obj
+from alignment.store import RunStore
 
 if TYPE_CHECKING:  # annotations only: perl_config imports this module
     from alignment.perl_config import PreferenceDataConfig

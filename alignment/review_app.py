@@ -61,7 +61,8 @@ from alignment.corrections import (
 )
 from alignment.pairs import group_by_prompt, select_pair
 from alignment.review_urls import ITERATION_ROUTE
-from alignment.store import DATA_FILE, RunStore, StoreError
+from alignment.files import StoreError
+from alignment.store import DATA_FILE, RunStore
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "review_templates"
 STYLESHEET = Path(__file__).resolve().parent / "review_static" / "review.css"

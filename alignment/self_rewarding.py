@@ -29,7 +29,7 @@ from alignment.pairs import build_pairs, tie_rate
 from alignment.report import eval_line
 from alignment.spin import split_heldout
 from alignment.stages import Algorithm, Stage, Table
-from alignment.store import hash_obj, sha256_file
+from alignment.files import hash_obj, sha256_file
 
 
 # ------------------------------------------------------------------------- held-out prompts

@@ -39,7 +39,7 @@ from alignment.generation import Sampling, derive_seed
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.spin_data import load_sft
 from alignment.stages import Algorithm, Stage, Table
-from alignment.store import sha256_file
+from alignment.files import sha256_file
 
 
 # --------------------------------------------------------------------------------------- data

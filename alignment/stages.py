@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 
 from alignment.config import result_dump
 from alignment.faults import crash_point
-from alignment.store import RunStore, StoreError, hash_obj
+from alignment.files import StoreError, hash_obj
+from alignment.store import RunStore
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]

@@ -1,7 +1,9 @@
-"""The run directory: atomic writes, manifests, shards, locking, events.
+"""The run directory: stage manifests, tables, shards, events, status (atomic writes: ``alignment.files``;
+the lock: ``alignment.run_lock``).
 
-This is the only module that does file I/O for runs and the only one that decides paths
-(see ``docs/data-contracts.md`` for the layout). Flows, the CLI and the review app call it.
+With ``alignment.files`` (how a file is written) and ``alignment.run_lock`` (who may write), this
+is the only module that does file I/O for runs and the only one that decides paths (see
+``docs/data-contracts.md`` for the layout). Flows, the CLI and the review app call it.
 
 Guarantees
 ----------
@@ -30,15 +32,10 @@ Guarantees
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
-import hashlib
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -46,10 +43,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-try:  # fcntl is POSIX-only; without it RunLock falls back to pid checks
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None  # type: ignore[assignment]
+from alignment.files import (
+    StoreError,
+    atomic_write_json,
+    canonical_json,
+    atomic_write_text,
+    fsync_dir,
+    hash_obj,
+    is_temp,
+    make_dir,
+    now_iso,
+    os_reason,
+    read_json_file,
+    read_parquet,
+    sha256_file,
+    store_error,
+    temp_name,
+    unlink_quiet,
+    write_parquet,
+)
+from alignment.run_lock import RunLock
 
 try:
     from importlib.metadata import version as _pkg_version
@@ -60,209 +73,17 @@ except Exception:  # PackageNotFoundError, or metadata broken
 
 RUN_FILE = "run.json"
 RECIPE_FILE = "recipe.yaml"
-LOCK_FILE = "lock"
 EVENTS_FILE = "events.jsonl"
 MANIFEST = "manifest.json"
 DATA_FILE = "data.parquet"
 SHARDS_DIR = "shards"
 SCRATCH_MARKER = ".selfalign-scratch"
 
-_TMP_INFIX = ".tmp-"
 # shard_<index>-<fingerprint of the chunk's items>.parquet; the older name without a fingerprint
 # still matches (counted by status) but is never reused: its items are unknown.
 _SHARD_RE = re.compile(r"^shard_(\d+)(?:-([0-9a-f]+))?\.parquet$")
 _ITER_RE = re.compile(r"^iter_(\d+)$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class StoreError(Exception):
-    """A user-facing error about the run directory; the message names the path."""
-
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None):
-        super().__init__(message)
-        self.path = Path(path) if path is not None else None
-
-
-class RunLocked(StoreError):
-    """Another live process owns the run directory."""
-
-    def __init__(self, message: str, *, path=None, holder: dict | None = None):
-        super().__init__(message, path=path)
-        self.holder = holder or {}
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
-
-
-def hash_obj(obj: Any) -> str:
-    """sha256 hex of the canonical JSON of ``obj`` (sorted keys, ``default=str``)."""
-    return hashlib.sha256(_canonical_json(obj).encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _os_reason(e: OSError) -> str:
-    reason = e.strerror or str(e)
-    if e.errno is not None:
-        reason += f" (errno {e.errno})"
-    if e.errno == errno.ENOSPC:
-        reason += "; free some disk space and resume the run"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        reason += "; check the permissions of the run directory"
-    return reason
-
-
-def _store_error(action: str, path: Path, e: OSError) -> StoreError:
-    err = StoreError(f"cannot {action} {path}: {_os_reason(e)}", path=path)
-    err.__cause__ = e
-    return err
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse fsync on directories
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _mkdir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _store_error("create directory", path, e) from e
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _unlink_quiet(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _atomic_write(path: Path, fill: Callable[[Any], None], *,
-                  before_replace: Callable[[], Callable[[], None] | None] | None = None) -> None:
-    """Write ``path`` via temp file + fsync + rename + fsync(dir).
-
-    ``fill(f)`` writes into a binary file object. ``before_replace`` runs once the temp file
-    is fully on disk, just before the rename (used to set an old manifest aside only when the
-    new data is known to be written); it may return an ``undo`` callable, called if the rename
-    fails. On any OSError the temp file is removed and a StoreError naming ``path`` is raised;
-    the old ``path`` is untouched.
-    """
-    path = Path(path)
-    _mkdir(path.parent)
-    tmp = _tmp_name(path)
-    undo: Callable[[], None] | None = None
-    try:
-        with open(tmp, "xb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            undo = before_replace()
-        os.replace(tmp, path)
-        undo = None
-        fsync_dir(path.parent)
-    except OSError as e:
-        _unlink_quiet(tmp)
-        if undo is not None:
-            undo()
-        raise _store_error("write", path, e) from e
-    except BaseException:
-        _unlink_quiet(tmp)
-        if undo is not None:
-            undo()
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_text(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False, default=str, ensure_ascii=False) + "\n"
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, _json_text(obj))
-
-
-def _read_json_file(path: Path) -> Any:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise _store_error("read", path, e) from e
-    except ValueError as e:
-        raise StoreError(f"cannot read {path}: not valid JSON ({e})", path=path) from e
-
-
-def _rows_to_table(rows: list[dict], schema: pa.Schema | None) -> pa.Table:
-    if schema is not None:
-        return pa.Table.from_pylist(rows, schema=schema)
-    if not rows:
-        return pa.table({})
-    # Union of keys in order of first appearance (from_pylist would silently use only the
-    # first row's keys); a row missing a key gets None. pa.array infers over all values.
-    keys: dict[str, None] = {}
-    for r in rows:
-        for k in r:
-            keys.setdefault(k, None)
-    return pa.table({k: pa.array([r.get(k) for r in rows]) for k in keys})
-
-
-def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema | None = None, *, before_replace=None) -> None:
-    try:
-        table = _rows_to_table(rows, schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise StoreError(f"cannot write {path}: rows do not form a table ({e})", path=path) from e
-    _atomic_write(path, lambda f: pq.write_table(table, f), before_replace=before_replace)
-
-
-def _read_parquet(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True
-    return True
 
 
 def _check_stage_name(stage: str) -> str:
@@ -274,268 +95,6 @@ def _check_stage_name(stage: str) -> str:
 def _normalize_recipe(recipe: dict) -> dict:
     """What recipe.yaml will hold: plain JSON types (Paths, enums ... become strings)."""
     return json.loads(json.dumps(recipe, default=str))
-
-
-def _is_tmp(name: str) -> bool:
-    return name.startswith(".") and _TMP_INFIX in name
-
-
-# --------------------------------------------------------------------------- lock
-
-# Locks taken with ``acquire(inheritable=True)``, by (pid, resolved run dir): a later RunLock of
-# the same run in the same process inherits them. The pid guards against a forked child.
-_INHERITABLE: dict[tuple[int, str], "RunLock"] = {}
-
-
-def flock_held(path: Path) -> bool | None:
-    """Whether some process holds an flock on ``path`` (Linux ``/proc/locks``: "FLOCK ADVISORY
-    WRITE <pid> <major>:<minor>:<inode> ..." with major/minor in hex); None where unknown."""
-    try:
-        st = os.stat(path)
-        table = Path("/proc/locks").read_text()
-    except FileNotFoundError:
-        return False if not Path(path).exists() else None
-    except OSError:
-        return None
-    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    for line in table.splitlines():
-        fields = line.split()
-        if "FLOCK" not in fields or len(fields) < 6:
-            continue
-        dev = fields[fields.index("FLOCK") + 4].split(":")  # after ADVISORY WRITE <pid>
-        try:
-            if (int(dev[0], 16), int(dev[1], 16), int(dev[2])) == want:
-                return True
-        except (ValueError, IndexError):
-            continue
-    return False
-
-
-class RunLock:
-    """Exclusive ownership of a run directory by one process.
-
-    The file ``RUN/lock`` holds JSON ``{pid, host, since}`` for humans and error messages;
-    exclusion itself comes from an ``flock`` held on that file for the life of the owner.
-
-    Why flock: the kernel drops it when the owning process dies (kill -9, OOM, power loss of
-    a local process), so a stale lock is detected by simply being able to take the flock,
-    and taking over is a single atomic kernel operation — two processes racing for a stale
-    lock cannot both win. The protocol (a well-known pattern):
-
-    1. ``open(lock, O_RDWR|O_CREAT)``, ``flock(LOCK_EX|LOCK_NB)``; if that fails a live
-       process holds it -> :class:`RunLocked` naming pid/host/since from the file.
-    2. After getting the flock, check the path still names the inode we locked (a releasing
-       owner unlinks the file while still holding the flock); if not, retry.
-    3. Truncate and write our ``{pid, host, since}``, fsync. If the old content named another
-       pid, that owner died: ``took_over`` records it.
-    4. Release: unlink the file, then drop the flock (close).
-
-    Inheritance: the CLI takes the lock with ``acquire(inheritable=True)`` before Prefect starts
-    (~20 s) and holds it to the end, so a second run is refused at once; the flow's own ``with
-    store.lock()`` in the same process then *inherits* it (no second flock, no release on exit).
-
-    Extra caution for shared storage (design §6): if the stale content names a *different
-    host* we refuse rather than trust flock across hosts (NFS mounted with ``nolock`` gives
-    host-local flocks), and say which file to delete if that process is really gone.
-    Where flock is unsupported (ENOLCK/EOPNOTSUPP) we fall back to ``O_EXCL`` creation plus a
-    same-host pid-liveness check; that fallback's takeover is not race-free (documented).
-    """
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.path = self.root / LOCK_FILE
-        self._fd: int | None = None
-        self._inherited = False
-        self.took_over: dict | None = None
-        self.info: dict | None = None
-
-    def _key(self) -> tuple[int, str]:
-        return os.getpid(), str(self.root.resolve())
-
-    # -- helpers
-    def _holder_error(self, holder: dict | None) -> RunLocked:
-        holder = holder or {}
-        pid = holder.get("pid", "?")
-        host = holder.get("host", "?")
-        since = holder.get("since", "?")
-        msg = f"run dir {self.root} is locked by pid {pid} on host {host} since {since}"
-        if host != socket.gethostname():
-            msg += f"; if that process is no longer running, delete {self.path} and retry"
-        else:
-            msg += "; wait for that process to finish or stop it"
-        return RunLocked(msg, path=self.root, holder=holder)
-
-    def _read_holder(self, retries: int = 20) -> dict | None:
-        # The holder may have just created the file and not written it yet.
-        import time
-
-        for i in range(retries):
-            try:
-                text = self.path.read_text(encoding="utf-8")
-                if text.strip():
-                    return json.loads(text)
-            except FileNotFoundError:
-                return None
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        return None
-
-    def _my_info(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-
-    # -- API
-    def acquire(self, *, inheritable: bool = False) -> "RunLock":
-        """Take the lock (RunLocked if a live process holds it). ``inheritable``: later RunLocks
-        of this run in this process inherit it instead of failing (see the class docstring)."""
-        if self._fd is not None:
-            raise StoreError(f"lock {self.path} is already held by this RunLock", path=self.path)
-        owner = _INHERITABLE.get(self._key())
-        if owner is not None and owner.held:
-            self._fd, self._inherited, self.info = -1, True, owner.info
-            return self
-        _mkdir(self.root)
-        self._acquire()
-        if inheritable:
-            _INHERITABLE[self._key()] = self
-        return self
-
-    def _acquire(self) -> "RunLock":
-        if fcntl is None:
-            return self._acquire_excl()
-        for _ in range(100):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise _store_error("open lock file", self.path, e) from e
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise self._holder_error(self._read_holder()) from None
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    return self._acquire_excl()
-                raise _store_error("lock", self.path, e) from e
-            # Did the file we locked get unlinked (released) before we locked it?
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            try:
-                old = os.read(fd, 1 << 16).decode("utf-8", "replace")
-                old_info = json.loads(old) if old.strip() else None
-            except ValueError:
-                old_info = None
-            if isinstance(old_info, dict) and old_info.get("host") not in (None, socket.gethostname()):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-                raise self._holder_error(old_info)
-            info = self._my_info()
-            try:
-                os.lseek(fd, 0, os.SEEK_SET)
-                os.ftruncate(fd, 0)
-                os.write(fd, json.dumps(info).encode())
-                os.fsync(fd)
-            except OSError as e:
-                os.close(fd)
-                raise _store_error("write lock file", self.path, e) from e
-            self._fd = fd
-            self.info = info
-            self.took_over = old_info if isinstance(old_info, dict) else None
-            return self
-        raise StoreError(f"could not lock {self.path}: it keeps being replaced", path=self.path)
-
-    def _acquire_excl(self) -> "RunLock":
-        """Fallback without flock: O_EXCL + same-host pid check (takeover not race-free)."""
-        for _ in range(3):
-            info = self._my_info()
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self._read_holder()
-                if (
-                    holder
-                    and holder.get("host") == socket.gethostname()
-                    and not _pid_alive(int(holder.get("pid", 0)))
-                ):
-                    _unlink_quiet(self.path)
-                    self.took_over = holder
-                    continue
-                raise self._holder_error(holder) from None
-            except OSError as e:
-                raise _store_error("create lock file", self.path, e) from e
-            try:
-                os.write(fd, json.dumps(info).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._fd = -1
-            self.info = info
-            return self
-        raise self._holder_error(self._read_holder())
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        if self._inherited:  # the owner releases
-            self._fd, self._inherited = None, False
-            return
-        if _INHERITABLE.get(self._key()) is self:
-            del _INHERITABLE[self._key()]
-        # Unlink while still holding the flock, so a waiter that opened the old inode
-        # notices (inode check in acquire) instead of locking a deleted file.
-        _unlink_quiet(self.path)
-        fsync_dir(self.root)
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def inspect(self) -> dict | None:
-        """The lock file's holder ``{pid, host, since}`` plus ``live`` (True: a process holds
-        the lock; False: stale; None: another host, cannot tell) and ``pid_alive`` (the named
-        pid exists, which after a SIGKILL may be an unrelated process); None without a lock file.
-        On Linux ``live`` is the kernel's word (an flock on the file), not a pid guess."""
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            holder = {}
-        if not isinstance(holder, dict):
-            holder = {}
-        try:
-            pid = int(holder.get("pid", 0))
-        except (TypeError, ValueError):
-            pid = 0
-        alive = _pid_alive(pid)
-        live = None
-        if holder.get("host") == socket.gethostname():
-            flocked = flock_held(self.path) if fcntl is not None else None
-            live = alive if flocked is None else flocked
-        return holder | {"live": live, "pid_alive": alive}
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    # No __del__: a RunLock dropped without release() keeps its flock until the process
-    # exits (then the file is a stale lock that the next acquire takes over), rather than
-    # silently unlocking a run that is still being worked on.
-
-
-
-# --------------------------------------------------------------------------- store
 
 
 class RunStore:
@@ -573,19 +132,19 @@ class RunStore:
             return store
         if root.exists():
             # A create that crashed before run.json (the commit point) may leave recipe.yaml.
-            leftovers = [p.name for p in root.iterdir() if p.name != RECIPE_FILE and not _is_tmp(p.name)]
+            leftovers = [p.name for p in root.iterdir() if p.name != RECIPE_FILE and not is_temp(p.name)]
             if leftovers:
                 raise StoreError(
                     f"{root} is not empty and is not a selfalign run (no {RUN_FILE}); "
                     f"choose a new --run-dir",
                     path=root,
                 )
-        _mkdir(root)
+        make_dir(root)
         atomic_write_text(root / RECIPE_FILE, yaml.safe_dump(norm, sort_keys=False, allow_unicode=True))
         run_info = {
             "name": name or root.resolve().name,
             "algorithm": algorithm,
-            "created": _now(),
+            "created": now_iso(),
             "selfalign_version": CODE_VERSION,
             "recipe_hash": hash_obj(norm),
         }
@@ -619,7 +178,7 @@ class RunStore:
             with open(path, "r", encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except OSError as e:
-            raise _store_error("read", path, e) from e
+            raise store_error("read", path, e) from e
         except yaml.YAMLError as e:
             raise StoreError(f"cannot read {path}: invalid YAML ({e})", path=path) from e
         except UnicodeDecodeError as e:
@@ -633,7 +192,7 @@ class RunStore:
         return hash_obj(self.recipe())
 
     def run_info(self) -> dict:
-        info = _read_json_file(self.root / RUN_FILE)
+        info = read_json_file(self.root / RUN_FILE)
         if not isinstance(info, dict):
             raise StoreError(f"cannot read {self.root / RUN_FILE}: not a JSON object (damaged run directory)",
                              path=self.root / RUN_FILE)
@@ -692,7 +251,7 @@ class RunStore:
             "recipe_hash": recipe_hash,
             "inputs": dict(inputs),
             "code_version": CODE_VERSION,
-            "created": _now(),
+            "created": now_iso(),
             "outputs": outputs,
             "output_hash": out_hash,
             "rows": rows,
@@ -709,13 +268,13 @@ class RunStore:
         stage cleanup after the next commit.
         """
         path = self.stage_dir(t, stage) / MANIFEST
-        aside = _tmp_name(path)
+        aside = temp_name(path)
         try:
             os.rename(path, aside)
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise _store_error("remove", path, e) from e
+            raise store_error("remove", path, e) from e
         fsync_dir(path.parent)
 
         def undo() -> None:
@@ -751,7 +310,7 @@ class RunStore:
             try:
                 actual = sha256_file(p)
             except OSError as e:
-                return False, f"output unreadable: {rel} ({_os_reason(e)})"
+                return False, f"output unreadable: {rel} ({os_reason(e)})"
             if actual != digest:
                 return False, f"output corrupted: {rel} (sha256 mismatch)"
         return True, ""
@@ -765,11 +324,11 @@ class RunStore:
         for p in d.iterdir():
             if p.name in keep:
                 continue
-            if p.name == SHARDS_DIR or _is_tmp(p.name) or (p.is_dir() and (p / SCRATCH_MARKER).exists()):
+            if p.name == SHARDS_DIR or is_temp(p.name) or (p.is_dir() and (p / SCRATCH_MARKER).exists()):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
-                    _unlink_quiet(p)
+                    unlink_quiet(p)
         fsync_dir(d)
 
     # ------------------------------------------------------------------ tables
@@ -777,15 +336,15 @@ class RunStore:
                    info: dict | None = None, schema: pa.Schema | None = None) -> str:
         """Write the complete table of a stage; returns its output hash (for downstream ``inputs``)."""
         d = self.stage_dir(t, stage)
-        _mkdir(d)
+        make_dir(d)
         data = d / DATA_FILE
         # The old manifest is removed only once the new data is fully on disk (before_replace),
         # so a failed write leaves the previous complete result valid.
-        _write_parquet(data, rows, schema, before_replace=lambda: self._invalidate(t, stage))
+        write_parquet(data, rows, schema, before_replace=lambda: self._invalidate(t, stage))
         try:
             digest = sha256_file(data)
         except OSError as e:
-            raise _store_error("read", data, e) from e
+            raise store_error("read", data, e) from e
         out = self._write_manifest(t, stage, outputs={DATA_FILE: digest}, inputs=inputs,
                                    recipe_hash=recipe_hash, rows=len(rows), info=info)
         self.cleanup_stage(d)
@@ -798,7 +357,7 @@ class RunStore:
             raise StoreError(f"{d} is not complete (no {MANIFEST} with {DATA_FILE})", path=d)
         path = d / DATA_FILE
         try:
-            return _read_parquet(path)
+            return read_parquet(path)
         except (OSError, pa.ArrowException) as e:
             raise StoreError(f"cannot read {path}: {e}", path=path) from e
 
@@ -829,7 +388,7 @@ class RunStore:
         if fingerprint and not re.match(r"^[0-9a-f]+$", fingerprint):
             raise ValueError(f"invalid shard fingerprint {fingerprint!r}")
         name = f"shard_{index:05d}-{fingerprint[:16]}.parquet" if fingerprint else f"shard_{index:05d}.parquet"
-        _write_parquet(self._shard_dir(t, stage, key) / name, rows, schema)
+        write_parquet(self._shard_dir(t, stage, key) / name, rows, schema)
 
     def read_shards(self, t: int, stage: str, *, key: str) -> dict[int, list[dict]]:
         """Complete, readable shards for ``key`` by index; a corrupt one is deleted and ignored."""
@@ -840,13 +399,13 @@ class RunStore:
         for p in sorted(d.iterdir()):
             m = _SHARD_RE.match(p.name)
             if not m:
-                if _is_tmp(p.name):  # a shard whose writer was killed
-                    _unlink_quiet(p)
+                if is_temp(p.name):  # a shard whose writer was killed
+                    unlink_quiet(p)
                 continue
             try:
-                out[int(m.group(1))] = _read_parquet(p)
+                out[int(m.group(1))] = read_parquet(p)
             except (OSError, pa.ArrowException):
-                _unlink_quiet(p)
+                unlink_quiet(p)
         return out
 
     def drop_stale_shards(self, t: int, stage: str, *, key: str, fingerprints: dict[int, str]) -> int:
@@ -862,7 +421,7 @@ class RunStore:
             expected = fingerprints.get(index)
             if p.parent == keep_dir and fp and expected is not None and expected.startswith(fp):
                 continue
-            _unlink_quiet(p)
+            unlink_quiet(p)
             removed += 1
         base = self.stage_dir(t, stage) / SHARDS_DIR
         if base.is_dir():  # key dirs left empty (and their torn temp files) go too
@@ -886,13 +445,13 @@ class RunStore:
         if not _STAGE_RE.match(name) or name in (SHARDS_DIR, MANIFEST, DATA_FILE):
             raise ValueError(f"invalid scratch dir name {name!r}")
         p = self.stage_dir(t, stage) / name
-        _mkdir(p)
+        make_dir(p)
         marker = p / SCRATCH_MARKER
         if not marker.exists():
             try:
                 marker.touch()
             except OSError as e:
-                raise _store_error("write", marker, e) from e
+                raise store_error("write", marker, e) from e
         return p
 
     def commit_dir(self, t: int, stage: str, build: Callable[[Path], Any], *, inputs: dict[str, str],
@@ -906,13 +465,13 @@ class RunStore:
         if not _STAGE_RE.match(subdir) or subdir in (SHARDS_DIR, MANIFEST, DATA_FILE):
             raise ValueError(f"invalid subdir {subdir!r}")
         d = self.stage_dir(t, stage)
-        _mkdir(d)
+        make_dir(d)
         # Temp dirs left by a crashed earlier attempt.
         for p in d.iterdir():
-            if _is_tmp(p.name) and p.is_dir():
+            if is_temp(p.name) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
         target = d / subdir
-        tmp = _tmp_name(target)
+        tmp = temp_name(target)
         try:
             tmp.mkdir()
             build(tmp)
@@ -931,7 +490,7 @@ class RunStore:
             undo = self._invalidate(t, stage)
             old: Path | None = None
             if target.exists() or target.is_symlink():
-                old = _tmp_name(d / f"old-{subdir}")
+                old = temp_name(d / f"old-{subdir}")
                 os.rename(target, old)
             try:
                 os.rename(tmp, target)
@@ -947,7 +506,7 @@ class RunStore:
             fsync_dir(d)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _store_error("write", target, e) from e
+            raise store_error("write", target, e) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -979,12 +538,12 @@ class RunStore:
         path = self._iter_file(t, name)
         if not path.exists():
             return None
-        return _read_json_file(path)
+        return read_json_file(path)
 
     # ------------------------------------------------------------------ events
     def log_event(self, event: str, *, t: int | None = None, stage: str | None = None, **info) -> None:
         """Append one JSON line to events.jsonl (O_APPEND, fsync)."""
-        rec = {"time": _now(), "event": event, "iteration": t, "stage": stage, "pid": os.getpid(), **info}
+        rec = {"time": now_iso(), "event": event, "iteration": t, "stage": stage, "pid": os.getpid(), **info}
         self.append_jsonl(EVENTS_FILE, rec)
 
     def events(self) -> list[dict]:
@@ -1001,7 +560,7 @@ class RunStore:
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _store_error("write", path, e) from e
+            raise store_error("write", path, e) from e
         try:
             size = os.fstat(fd).st_size
             # A previous writer killed mid-line: start on a fresh line so ours stays parseable.
@@ -1010,7 +569,7 @@ class RunStore:
             os.write(fd, line.encode("utf-8"))
             os.fsync(fd)
         except OSError as e:
-            raise _store_error("write", path, e) from e
+            raise store_error("write", path, e) from e
         finally:
             os.close(fd)
 
@@ -1022,7 +581,7 @@ class RunStore:
         except FileNotFoundError:
             return []
         except OSError as e:
-            raise _store_error("read", path, e) from e
+            raise store_error("read", path, e) from e
         out = []
         for raw in data.split(b"\n"):
             if not raw.strip():
@@ -1087,7 +646,7 @@ class RunStore:
         row = {"iteration": t, "stage": stage, "state": "not started", "detail": "", "rows": None,
                "error": None}
         if err:
-            row["error"] = err.get("message") or err.get("error") or _canonical_json(err)
+            row["error"] = err.get("message") or err.get("error") or canonical_json(err)
         m = self.manifest(t, stage)
         if m is not None:
             row.update(state="done", rows=m.get("rows"))

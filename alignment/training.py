@@ -135,7 +135,7 @@ def _complete_checkpoint(c: Path) -> bool:
 
 def file_hash(path: str | Path | None) -> str | None:
     """sha256 of a file, or None when there is no such file (a missing input hashes as None)."""
-    from alignment.store import sha256_file
+    from alignment.files import sha256_file
 
     return sha256_file(path) if path and Path(path).is_file() else None
 

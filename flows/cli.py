@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from alignment.generation import GenerationError
     from alignment.models import ModelError
     from alignment.prompts import TemplateError
-    from alignment.store import StoreError
+    from alignment.files import StoreError
 
     return (RecipeError, DataError, ModelError, StoreError, TemplateError, GenerationError)
 
@@ -200,7 +200,8 @@ def _run_flow(run_dir: str | None, recipe: str | None, overrides: list[str], *, 
     """Validate, lock, (change the stored recipe,) run the flow. ``change``: the user asked to
     change an existing run's settings (``resume --set``, ``run --change-recipe``)."""
     from alignment.runs import commit_run, load_for_run
-    from alignment.store import RUN_FILE, RunLock
+    from alignment.run_lock import RunLock
+    from alignment.store import RUN_FILE
 
     errors = _user_errors()
     lock = None
@@ -268,12 +269,16 @@ def _run_locked(store, parsed, recipe: str | None, overrides: list[str], verbose
     names = {"run_dir": "run directory"}
     for key, value in result.items():
         print(f"  {(names.get(key, key.replace('_', ' ')) + ':').ljust(14)} {value}")
-    learnt = last_training_line(store)
+    from alignment.pipeline import started_steps
+
+    runs = [s for _, s in started_steps(store)] if parsed.algorithm == "pipeline" else [store]
+    learnt = last_training_line(runs[-1]) if runs else None
     if learnt:
         print(f"  {'training:':<15}{learnt}")
     print(f"  {'Prefect UI:':<15}{_ui_hint()}")
-    if parsed.algorithm in ("self-rewarding", "meta-rewarding"):  # the algorithms with judge data
-        print(f"  {'review:':<15}selfalign review {result['run_dir']}")
+    for run in runs:
+        if run.run_info().get("algorithm") in ("self-rewarding", "meta-rewarding"):  # the algorithms with judge data
+            print(f"  {'review:':<15}selfalign review {run.root}")
     return 0
 
 
@@ -312,18 +317,21 @@ def cmd_resume(args) -> int:
 
 def cmd_status(args) -> int:
     from alignment.algorithms import stage_names
-    from alignment.store import RunStore, StoreError
+    from alignment.pipeline import started_steps
+    from alignment.files import StoreError
+    from alignment.store import RunStore
 
     try:
         store = RunStore.open(args.run_dir)
-        rows = store.status(stages=stage_names(store))
+        info = store.run_info()
+        steps = started_steps(store) if info.get("algorithm") == "pipeline" else [(None, store)]
+        tables = [(k, s, s.status(stages=stage_names(s))) for k, s in steps]
     except StoreError as err:
         return _fail(str(err))
-    from alignment.stages import interrupted_stages, lock_state, shard_totals
+    from alignment.stages import lock_state
 
-    info = store.run_info()
     print(f"run {info.get('name')} ({info.get('algorithm')}) at {store.root}")
-    lock, events = lock_state(store), store.events()
+    lock = lock_state(store)
     if lock:
         who = f"pid {lock.get('pid')} on {lock.get('host')} since {lock.get('since')}"
         state = {True: "running", False: "stale: that process is gone (killed?); `selfalign resume` takes it over",
@@ -332,6 +340,39 @@ def cmd_status(args) -> int:
             state = ("stale: that pid is alive but does not hold the lock (an unrelated process; "
                      "the run was killed?); `selfalign resume` takes it over")
         print(f"lock: {who} ({state})")
+    unfinished = info.get("algorithm") == "pipeline" and len(steps) < len(store.recipe().get("steps") or [])
+    for k, step_store, rows in tables:
+        if k is not None:
+            print(f"step {k}: {step_store.run_info().get('algorithm')} at {step_store.root}")
+        unfinished |= _print_stage_rows(step_store, rows, lock, indent="  " if k is not None else "")
+    if info.get("algorithm") == "pipeline" and not steps:
+        print("no step started yet")
+    last = max((s.last_error() or {} for _, s, _ in tables), key=lambda e: e.get("time") or "", default={})
+    if last:
+        where = f"iter {last.get('iteration')} {last.get('stage')}: " if last.get("stage") else ""
+        print(f"last error: {where}{last.get('message')} ({last.get('time')})")
+    if unfinished and not (lock and lock["live"]):
+        print(f"resume with: selfalign resume {store.root}")
+    return 0
+
+
+def _not_a_pipeline(store, command: str):
+    """``store``, or StoreError naming the step directories when it is a pipeline's root."""
+    from alignment.pipeline import started_steps
+    from alignment.files import StoreError
+
+    if store.run_info().get("algorithm") != "pipeline":
+        return store
+    steps = [str(s.root) for _, s in started_steps(store)]
+    raise StoreError(f"{store.root} is a pipeline: {command} one of its steps' run directories"
+                     + (f" ({', '.join(steps)})" if steps else " (none started yet)"))
+
+
+def _print_stage_rows(store, rows: list[dict], lock: dict | None, indent: str = "") -> bool:
+    """Print one run directory's stages per iteration; True if any is not done."""
+    from alignment.stages import interrupted_stages, shard_totals
+
+    events = store.events()
     # SIGKILL leaves no error event: a stage still "started" with no live owner was killed.
     killed = {} if lock and lock["live"] is not False else interrupted_stages(store, events)
     totals = shard_totals(store, events)
@@ -339,7 +380,7 @@ def cmd_status(args) -> int:
     for row in rows:
         if row["iteration"] != current:
             current = row["iteration"]
-            print(f"iteration {current}")
+            print(f"{indent}iteration {current}")
         detail = row.get("detail") or ""
         total = totals.get((row["iteration"], row["stage"]))
         if row["state"] == "partial" and total and detail.endswith(" shards"):
@@ -350,21 +391,16 @@ def cmd_status(args) -> int:
         start = killed.get((row["iteration"], row["stage"]))
         if start and not row.get("error") and row["state"] != "done":
             err = f"  interrupted: pid {start.get('pid')} stopped without finishing (killed?)"
-        print(f"  {row['stage']:<10} {row['state']}{detail}{count}{err}")
-    last = store.last_error()
-    if last:
-        where = f"iter {last.get('iteration')} {last.get('stage')}: " if last.get("stage") else ""
-        print(f"last error: {where}{last.get('message')} ({last.get('time')})")
-    if any(r["state"] != "done" for r in rows) and not (lock and lock["live"]):
-        print(f"resume with: selfalign resume {store.root}")
-    return 0
+        print(f"{indent}  {row['stage']:<10} {row['state']}{detail}{count}{err}")
+    return any(r["state"] != "done" for r in rows)
 
 
 def cmd_review(args) -> int:
-    from alignment.store import RunStore, StoreError
+    from alignment.files import StoreError
+    from alignment.store import RunStore
 
     try:
-        RunStore.open(args.run_dir)
+        _not_a_pipeline(RunStore.open(args.run_dir), "review")
     except StoreError as err:
         return _fail(str(err))
     from alignment.review_app import serve
@@ -374,7 +410,8 @@ def cmd_review(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from alignment.algorithms import ALGORITHMS, algorithm_run
+    from alignment.algorithms import algorithm_run
+    from alignment.pipeline import plan_steps
     from alignment.runs import load_for_run
     from alignment.stages import plan
     from alignment.store import RUN_FILE, RunStore
@@ -383,20 +420,28 @@ def cmd_plan(args) -> int:
     is_run = (target / RUN_FILE).is_file()
     try:
         recipe, _, _ = load_for_run(target if is_run else None, None if is_run else target, args.set or [])
-        algorithm = ALGORITHMS[recipe.algorithm]
-        run = algorithm_run(RunStore.open(target) if is_run else None, recipe, log=lambda _: None)
-        states = {(r["iteration"], r["stage"]): r for r in plan(run)} if is_run else {}
+        store = RunStore.open(target) if is_run else None
+        if recipe.algorithm == "pipeline":
+            blocks = [(f"step {k}: {run.recipe.algorithm}", run, rows) for k, run, rows in plan_steps(store, recipe)]
+        else:
+            run = algorithm_run(store, recipe, log=lambda _: None)
+            blocks = [(None, run, plan(run) if is_run else None)]
     except _user_errors() as err:
         return _fail(str(err))
-    print(f"plan of {'run' if is_run else 'recipe'} {target}: {recipe.algorithm}, {recipe.iterations} "
-          f"iteration{'s' if recipe.iterations > 1 else ''}, model {recipe.model}"
-          + ("" if is_run else " (nothing run yet)"))
-    for t in run.iterations():
-        print(f"iteration {t}")
-        for stage in algorithm.stages:
-            off = stage.off(recipe)
-            row = states.get((t, stage.name)) or {"state": "off" if off else "run", "reason": off or ""}
-            print(f"  {stage.name:<13} {row['state']:<7} {_declared(run, stage, t, row['reason'])}")
+    iterations = sum(run.recipe.iterations for _, run, _ in blocks)
+    print(f"plan of {'run' if is_run else 'recipe'} {target}: {recipe.algorithm}, {iterations} "
+          f"iteration{'s' if iterations > 1 else ''}, model {recipe.model}" + ("" if is_run else " (nothing run yet)"))
+    for k, (title, run, rows) in enumerate(blocks):
+        indent = "  " if title else ""
+        if title:
+            print(title + ("" if rows is not None or not is_run else f" (not started{', after step ' + str(k) if k else ''})"))
+        states = {(r["iteration"], r["stage"]): r for r in rows or []}
+        for t in run.iterations():
+            print(f"{indent}iteration {t}")
+            for stage in run.algorithm.stages:
+                off = stage.off(run.recipe)
+                row = states.get((t, stage.name)) or {"state": "off" if off else "run", "reason": off or ""}
+                print(f"{indent}  {stage.name:<13} {row['state']:<7} {_declared(run, stage, t, row['reason'])}")
     return 0
 
 
@@ -430,10 +475,11 @@ def _fields(fields: tuple[str, ...]) -> str:
 def cmd_export(args) -> int:
     from alignment.export import ExportError, export_model
     from alignment.models import ModelError
-    from alignment.store import RunStore, StoreError
+    from alignment.files import StoreError
+    from alignment.store import RunStore
 
     try:
-        store = RunStore.open(args.run_dir)
+        store = _not_a_pipeline(RunStore.open(args.run_dir), "export")
         t, out = export_model(store, args.merged or args.adapter, iteration=args.iteration, merged=bool(args.merged))
     except (ExportError, StoreError, ModelError) as err:
         return _fail(str(err))

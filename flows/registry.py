@@ -10,12 +10,18 @@ FLOWS = {
     "meta-rewarding": ("flows.meta_rewarding", "meta_rewarding_flow"),
     "spin": ("flows.spin", "spin_flow"),
     "perl": ("flows.perl", "perl_flow"),
+    "pipeline": ("flows.pipeline", "pipeline_flow"),
 }
 
 
 def flow_for(algorithm: str):
     module, name = FLOWS[algorithm]
     return getattr(importlib.import_module(module), name)
+
+
+def presentation(algorithm: str):
+    """The algorithm's artifacts and result (``SHOW`` in its flow module), for a pipeline's step."""
+    return importlib.import_module(FLOWS[algorithm][0]).SHOW
 
 
 def all_flows() -> list:

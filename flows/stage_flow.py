@@ -43,24 +43,30 @@ class Presentation:
 def run_stages(run_dir: str, recipe_path: str | None, overrides: list[str] | None, show: Presentation) -> dict:
     """The body of every algorithm's flow (each flow is a named ``@flow`` function in its own
     module calling this, so that a Prefect deployment finds it at a stable entrypoint)."""
-    logger = get_run_logger()
     store, recipe = open_run(run_dir, recipe_path, overrides or [])
-    per_iteration: list[dict] = []
     with store.lock():
-        run = algorithm_run(store, recipe, log=logger.info, progress=progress_factory(store))
-        try:
-            for t in run.iterations():
-                for stage in run.algorithm.stages:
-                    if stage.gated:  # the engine goes first: a review can wait for hours
-                        release_engine(run, stage, t)
-                        gate_before(run, stage.name, t, logger)
-                    stage_task.with_options(name=stage.name)(run, stage.name, t)
-                per_iteration.append(run.metrics(t))
-                if show.iteration:
-                    show.iteration(run, t, per_iteration)
-            if show.end:
-                show.end(run, per_iteration)
-        finally:
-            run.close()
+        result = run_algorithm(store, recipe, show)
     store.log_event("flow_done")
+    return result
+
+
+def run_algorithm(store, recipe, show: Presentation) -> dict:
+    """Every iteration's stages of an opened, locked run, one task each; ``show``'s result."""
+    logger = get_run_logger()
+    per_iteration: list[dict] = []
+    run = algorithm_run(store, recipe, log=logger.info, progress=progress_factory(store))
+    try:
+        for t in run.iterations():
+            for stage in run.algorithm.stages:
+                if stage.gated:  # the engine goes first: a review can wait for hours
+                    release_engine(run, stage, t)
+                    gate_before(run, stage.name, t, logger)
+                stage_task.with_options(name=stage.name)(run, stage.name, t)
+            per_iteration.append(run.metrics(t))
+            if show.iteration:
+                show.iteration(run, t, per_iteration)
+        if show.end:
+            show.end(run, per_iteration)
+    finally:
+        run.close()
     return show.result(run, per_iteration)

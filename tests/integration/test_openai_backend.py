@@ -76,7 +76,7 @@ def test_self_rewarding_over_two_servers_with_a_runtime_loaded_adapter(two_serve
     import httpx
 
     from alignment.openai_engine import adapter_name
-    from alignment.store import sha256_file
+    from alignment.files import sha256_file
 
     urls, logs = two_servers
     run_dir = tmp_path / "run"

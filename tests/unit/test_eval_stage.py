@@ -108,7 +108,7 @@ def test_eval_off_keeps_the_prompts_stage_as_it_was(tmp_path, tiny_model_dir, pr
     """Off by default: the prompts stage's inputs and recipe hash have no eval part, so runs
     without eval keep every stage's hash; the eval stage writes nothing."""
     from alignment.algorithms import algorithm_run
-    from alignment.store import hash_obj, sha256_file
+    from alignment.files import hash_obj, sha256_file
 
     recipe = _preflight(tmp_path, tiny_model_dir, prompts_file)
     assert not recipe.eval.enabled

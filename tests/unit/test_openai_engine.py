@@ -298,7 +298,7 @@ def test_a_server_killed_mid_call_fails_the_call_on_two_servers(servers, embedde
 
 
 def test_adapter_loaded_once_per_server_and_addressed_by_name(servers, embedded_dir, tmp_path):
-    from alignment.store import sha256_file
+    from alignment.files import sha256_file
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

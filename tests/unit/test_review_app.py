@@ -30,7 +30,8 @@ from alignment.meta_rewarding import (
 )
 from alignment.pairs import build_pairs
 from alignment.review_app import META_STAGES, create_app
-from alignment.store import RunStore, StoreError
+from alignment.files import StoreError
+from alignment.store import RunStore
 
 SCRIPT = "<script>alert('x')</script>"
 

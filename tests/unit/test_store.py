@@ -1,4 +1,5 @@
-"""Tests for alignment/store.py: atomicity, manifests, shards, locking, events, status."""
+"""Tests for the run directory (alignment/store.py, files.py, run_lock.py): atomicity, manifests, shards,
+locking, events, status."""
 
 from __future__ import annotations
 
@@ -12,17 +13,11 @@ import textwrap
 
 import pytest
 
+from alignment import run_lock as run_lock_mod
 from alignment import store as store_mod
-from alignment.store import (
-    RunLock,
-    RunLocked,
-    RunStore,
-    StoreError,
-    atomic_write_bytes,
-    atomic_write_json,
-    hash_obj,
-    sha256_file,
-)
+from alignment.files import StoreError, atomic_write_bytes, atomic_write_json, hash_obj, sha256_file
+from alignment.run_lock import RunLock, RunLocked
+from alignment.store import RunStore
 
 RECIPE = {"model": "tiny", "iterations": 2, "generation": {"n": 4, "temperature": 0.7}}
 ROWS = [
@@ -398,7 +393,7 @@ def test_lock_from_other_host_is_not_taken_over(run):
 
 
 def test_lock_fallback_without_flock(run, monkeypatch):
-    monkeypatch.setattr(store_mod, "fcntl", None)
+    monkeypatch.setattr(run_lock_mod, "fcntl", None)
     p = subprocess.Popen(["true"])
     p.wait()
     (run.root / "lock").write_text(json.dumps({"pid": p.pid, "host": socket.gethostname(), "since": "x"}))
@@ -411,7 +406,7 @@ def test_lock_fallback_without_flock(run, monkeypatch):
 
 
 def _other_process_can_lock(root) -> bool:
-    code = f"from alignment.store import RunStore, RunLocked\n" \
+    code = f"from alignment.store import RunStore\nfrom alignment.run_lock import RunLocked\n" \
            f"try:\n    RunStore.open({str(root)!r}).lock().acquire().release()\nexcept RunLocked:\n    raise SystemExit(3)"
     return subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), timeout=60).returncode == 0
 
