@@ -7,13 +7,13 @@ the one place that names them all (the flows, ``selfalign plan`` and ``selfalign
 from __future__ import annotations
 
 from alignment.config import RecipeError, parse_recipe
+from alignment.files import StoreError
 from alignment.iterative import Run
 from alignment.meta_rewarding import META_REWARDING
 from alignment.perl import PERL
 from alignment.self_rewarding import SELF_REWARDING
 from alignment.spin import SPIN
 from alignment.stages import Algorithm
-from alignment.files import StoreError
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (SELF_REWARDING, META_REWARDING, SPIN, PERL)}
 

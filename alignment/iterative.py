@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from alignment.adapter_serving import MergedAdapters, serving_mode
+from alignment.files import hash_obj, sha256_file
 from alignment.generation import EngineSpec, Generator, choose_backend, has_cuda, open_generator
 from alignment.models import ResolvedModel, adapter_rank, merge_adapter, resolve, with_adapter
 from alignment.stages import Algorithm, Log, Progress, execute
-from alignment.files import hash_obj, sha256_file
 from alignment.store import RunStore
 
 

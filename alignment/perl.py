@@ -25,16 +25,16 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from alignment.config import result_dump
 from alignment.data import DataError, load_prompts
 from alignment.evaluation import bootstrap_ci
 from alignment.generation import Sampling, derive_seed
-from alignment.config import result_dump
 from alignment.iterative import lora_rank_slot
 from alignment.perl_config import PreferenceDataConfig
 from alignment.perl_data import (call_reward, is_run_dir, load_preferences, load_reward_function,
                                  pairs_from_scores, split_by_prompt)
-from alignment.stages import Algorithm, Directory, Stage, Table
 from alignment.files import StoreError, hash_obj, sha256_file
+from alignment.stages import Algorithm, Directory, Stage, Table
 from alignment.store import RunStore
 
 def mean(values: Sequence[float | None]) -> float | None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from alignment.data import DataError, prompt_id, read_records
-from alignment.models import ModelError, resolve
 from alignment.files import hash_obj
+from alignment.models import ModelError, resolve
 from alignment.store import RunStore
 
 if TYPE_CHECKING:  # annotations only: perl_config imports this module

@@ -22,6 +22,7 @@ from alignment.config import result_dump
 from alignment.data import load_prompts
 from alignment.dpo_stage import dpo_output
 from alignment.eval_config import load_reference
+from alignment.files import hash_obj, sha256_file
 from alignment.generation import Sampling, derive_seed
 from alignment.head_to_head import PairwiseSettings, compare, mean_or_none, outcome_label, summarize
 from alignment.judge import JudgeSettings, judge_responses
@@ -29,7 +30,6 @@ from alignment.pairs import build_pairs, tie_rate
 from alignment.report import eval_line
 from alignment.spin import split_heldout
 from alignment.stages import Algorithm, Stage, Table
-from alignment.files import hash_obj, sha256_file
 
 
 # ------------------------------------------------------------------------- held-out prompts

@@ -35,11 +35,11 @@ from typing import Sequence
 from alignment.actor import generate_responses
 from alignment.config import result_dump
 from alignment.dpo_stage import dpo_output
+from alignment.files import sha256_file
 from alignment.generation import Sampling, derive_seed
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.spin_data import load_sft
 from alignment.stages import Algorithm, Stage, Table
-from alignment.files import sha256_file
 
 
 # --------------------------------------------------------------------------------------- data

@@ -3,10 +3,10 @@
 import pytest
 
 from alignment.adapter_serving import MergedAdapters, serving_mode
+from alignment.algorithms import algorithm_run
 from alignment.config import load_recipe
 from alignment.generation import EngineSpec, HFGenerator, Sampling, open_generator
 from alignment.models import merge_adapter
-from alignment.algorithms import algorithm_run
 from alignment.store import RunStore
 from tests.conftest import write_recipe
 

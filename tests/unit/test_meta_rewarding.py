@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from alignment import prompts
+from alignment.algorithms import algorithm_run
 from alignment.config import RecipeError, load_recipe
 from alignment.generation import Completion
 from alignment.judge import judge_prompt
@@ -28,7 +29,6 @@ from alignment.meta_rewarding import (
     tie_rates,
     verdict_from_probs,
 )
-from alignment.algorithms import algorithm_run
 from alignment.store import RunStore
 from tests.conftest import write_recipe
 

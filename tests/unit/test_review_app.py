@@ -19,6 +19,7 @@ from alignment.corrections import (
     reviewed_pairs,
     validate_correction,
 )
+from alignment.files import StoreError
 from alignment.generation import Completion
 from alignment.meta_judge import DEFAULT_PRIOR
 from alignment.meta_rewarding import (
@@ -30,7 +31,6 @@ from alignment.meta_rewarding import (
 )
 from alignment.pairs import build_pairs
 from alignment.review_app import META_STAGES, create_app
-from alignment.files import StoreError
 from alignment.store import RunStore
 
 SCRIPT = "<script>alert('x')</script>"

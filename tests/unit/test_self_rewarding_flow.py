@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from alignment.config import load_recipe
 from alignment.algorithms import algorithm_run
+from alignment.config import load_recipe
 from alignment.store import RunStore
 from tests.conftest import copy_judged_run, write_recipe
 

@@ -10,8 +10,8 @@ import yaml
 from alignment.config import RecipeError, apply_overrides, load_recipe, parse_recipe
 from alignment.data import DataError
 from alignment.spin import build_spin_pairs, eval_summary, mix_previous, outcome, spin_loss, split_heldout
-from alignment.spin_data import load_sft
 from alignment.spin_config import SpinDataConfig
+from alignment.spin_data import load_sft
 from alignment.store import RunStore
 
 

@@ -3,8 +3,8 @@ adapter's LoRA shape (which training keeps) is reported against the recipe's."""
 
 import json
 
-from alignment.config import load_recipe
 from alignment.algorithms import algorithm_run
+from alignment.config import load_recipe
 from alignment.store import RunStore
 from alignment.training import DPOSpec, train_dpo, truncation_report, truncation_warnings
 from tests.conftest import write_recipe
