@@ -150,6 +150,15 @@ class TrainConfig(StrictModel):
     lora: LoraConfig = LoraConfig()
 
 
+# vLLM engine arguments selfalign sets itself: engine.extra may not name them (where to set each instead).
+ENGINE_OWNED = {
+    "model": "the recipe's model", "seed": "the recipe's seed", "dtype": "engine.dtype",
+    "max_model_len": "engine.max_model_len", "gpu_memory_utilization": "engine.gpu_memory_utilization",
+    "enforce_eager": "engine.enforce_eager", "tensor_parallel_size": "engine.tensor_parallel_size",
+    "enable_lora": "from the run's adapters", "max_lora_rank": "from the adapters' rank", "max_loras": "one adapter at a time",
+}
+
+
 class EngineConfig(StrictModel):
     backend: Literal["auto", "vllm", "transformers", "openai"] = Field(
         "auto", description="auto = vLLM wherever it imports, else transformers; openai = OpenAI-compatible "
@@ -168,6 +177,14 @@ class EngineConfig(StrictModel):
     )
     cpu_threads: int | None = Field(
         None, ge=1, description="CPU: model threads (None = every core the process may use)", json_schema_extra=NO_EFFECT,
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM: GPUs one engine spans (tensor parallelism; on CPU, thread groups). For more "
+        "engines (data parallelism) start several `selfalign serve-model` servers and list them in base_url",
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="more vLLM engine arguments by their EngineArgs names (e.g. quantization, "
+        "enable_prefix_caching, pipeline_parallel_size); unknown names fail before the run starts",
     )
     # backend openai. Where the servers are, how long to wait for them and how many requests each
     # gets at once change no result: they must serve the recipe's model, and every request carries its
@@ -198,7 +215,15 @@ class EngineConfig(StrictModel):
         if self.backend == "openai" and self.adapters == "merged":
             raise ValueError("adapters 'merged' needs an in-process engine; backend openai loads "
                              "adapters into the servers (use lora or auto)")
+        owned = sorted(set(self.extra) & set(ENGINE_OWNED))
+        if owned:
+            raise ValueError(f"extra: {owned[0]!r} is set by selfalign ({ENGINE_OWNED[owned[0]]}), not in engine.extra")
         return self
+
+    def vllm_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments the recipe adds to selfalign's own: ``extra`` and, when above 1,
+        ``tensor_parallel_size``."""
+        return dict(self.extra) | ({"tensor_parallel_size": self.tensor_parallel_size} if self.tensor_parallel_size > 1 else {})
 
 
 class ReviewConfig(StrictModel):
@@ -230,6 +255,14 @@ class RecipeBase(StrictModel):
         from alignment.models import resolve
 
         resolve(self.model)
+        if self.engine.extra and self.engine.backend in ("auto", "vllm"):
+            from alignment.generation import unknown_vllm_args, vllm_available
+
+            unknown = unknown_vllm_args(self.engine.extra) if vllm_available() else []
+            if unknown:
+                raise RecipeError(f"field engine.extra: {', '.join(map(repr, unknown))} "
+                                  f"{'is not a vLLM engine argument' if len(unknown) == 1 else 'are not vLLM engine arguments'} "
+                                  "(vllm.engine.arg_utils.EngineArgs)")
 
 
 class SelfRewardingRecipe(RecipeBase):

@@ -226,6 +226,16 @@ def cpu_engine_env(cpu_threads: int | None, groups: int = 1) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": omp_bind(cpus, groups), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
+def unknown_vllm_args(args: dict) -> list[str]:
+    """The names in ``args`` that are not fields of vLLM's ``EngineArgs`` (sorted)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    return sorted(k for k in args if k not in known)
+
+
 def has_cuda() -> bool:
     try:
         import torch

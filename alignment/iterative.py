@@ -145,7 +145,7 @@ class Run:
                 # may exceed the recipe's: vLLM refuses adapters above max_lora_rank.
                 max_lora_rank=lora_rank_slot(max(self.lora_rank(), adapter_rank(self.base.adapter))),
                 base_url=e.base_url, api_key_env=e.api_key_env, request_timeout_s=e.request_timeout_s,
-                max_concurrency=e.max_concurrency,
+                max_concurrency=e.max_concurrency, extra=e.vllm_args(),
             )
             if merged:  # the engine starts on first use, on the checkpoint of the adapter asked for
                 self._generator = MergedAdapters(spec, self.merged_dir, open_engine=self.open_engine, log=self.log)

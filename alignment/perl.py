@@ -215,7 +215,7 @@ def rollout_engine(run) -> dict:
             "gpu_memory_utilization": e.gpu_memory_utilization, "enforce_eager": e.enforce_eager,
             "max_lora_rank": lora_rank_slot(run.recipe.ppo.lora.r), "batch_size": e.batch_size,
             "cpu_threads": e.cpu_threads, "base_url": e.base_url, "api_key_env": e.api_key_env,
-            "request_timeout_s": e.request_timeout_s, "max_concurrency": e.max_concurrency}
+            "request_timeout_s": e.request_timeout_s, "max_concurrency": e.max_concurrency, "extra": e.vllm_args()}
 
 
 def compute_eval(run, t: int, ctx) -> Table:

@@ -126,13 +126,41 @@ def test_result_dump_leaves_out_fields_that_cannot_change_a_result(tmp_path):
 def test_result_dump_of_every_shipped_recipe_ignores_checkpoint_and_launcher_settings():
     """Each algorithm's recipe declares its checkpoint cadence and launcher as NO_EFFECT (PERL has
     its own: reward_model.save_steps, ppo.save_steps, launcher), so changing them redoes nothing."""
-    from alignment.config import result_dump
+    import copy
 
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
-        recipe, _ = load_recipe(path)
-        data = recipe.model_dump(mode="json")
+    from alignment.config import result_dump
+    from alignment.pipeline_config import step_data
+
+    def recipes():  # (name, recipe dict): every shipped recipe, and every step of a shipped pipeline
+        for path in sorted((REPO / "recipes").glob("*.yaml")):
+            recipe, data = load_recipe(path)
+            if recipe.algorithm != "pipeline":
+                yield path.name, data
+            for k in range(1, len(getattr(recipe, "steps", [])) + 1):
+                yield f"{path.name} step {k}", parse_recipe(step_data(recipe, k, recipe.model)).model_dump(mode="json")
+
+    for name, data in recipes():
+        recipe = parse_recipe(data)
         changes = [f"{section}.save_steps=97" for section in ("train", "reward_model", "ppo") if section in data]
         changes += [f"{prefix}launcher=inprocess" for prefix in ("", "train.")
                     if "launcher" in (data if not prefix else data.get("train", {}))]
-        assert changes, path
-        assert result_dump(load_recipe(path, changes)[0]) == result_dump(recipe), (path.name, changes)
+        assert changes, name
+        changed = parse_recipe(apply_overrides(copy.deepcopy(data), changes))
+        assert result_dump(changed) == result_dump(recipe), (name, changes)
+
+
+def test_engine_parallelism_and_extra_vllm_arguments(tmp_path, tiny_model_dir):
+    """engine.tensor_parallel_size and engine.extra reach vLLM's engine arguments; an argument selfalign
+    sets itself is refused at load, one vLLM does not know before the run starts (preflight)."""
+    base = {"algorithm": "self-rewarding", "model": str(tiny_model_dir), "prompts": {"source": "p.jsonl"}}
+    recipe = parse_recipe(base | {"engine": {"tensor_parallel_size": 2, "extra": {"enable_prefix_caching": False}}})
+    assert recipe.engine.vllm_args() == {"enable_prefix_caching": False, "tensor_parallel_size": 2}
+    assert parse_recipe(base).engine.vllm_args() == {}
+    with pytest.raises(RecipeError, match=r"field engine: extra: 'seed' is set by selfalign \(the recipe's seed\)"):
+        parse_recipe(base | {"engine": {"extra": {"seed": 3}}})
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    bad = parse_recipe(base | {"prompts": {"source": str(prompts)},
+                               "engine": {"backend": "vllm", "extra": {"enable_prefix_caching": True, "warp_drive": 9}}})
+    with pytest.raises(RecipeError, match=r"field engine.extra: 'warp_drive' is not a vLLM engine argument"):
+        bad.preflight()
