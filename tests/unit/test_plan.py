@@ -15,16 +15,19 @@ from tests.conftest import copy_judged_run
 REPO = Path(__file__).resolve().parents[2]
 
 
-def plan_lines(capsys, *argv: str) -> dict[tuple[int, str], str]:
-    """(iteration, stage) -> the rest of its plan line."""
+def plan_lines(capsys, *argv: str) -> dict[tuple, str]:
+    """(iteration, stage) -> the rest of its plan line; for a pipeline (step, iteration, stage)."""
     assert main(["plan", *argv]) == 0
-    out, t, lines = capsys.readouterr().out, 0, {}
+    out, step, t, lines = capsys.readouterr().out, None, 0, {}
     for line in out.splitlines():
-        if line.startswith("iteration "):
-            t = int(line.split()[1])
-        elif line.startswith("  "):
-            name, rest = line.split(maxsplit=1)
-            lines[(t, name)] = rest
+        text = line.strip()
+        if line.startswith("step "):
+            step = int(text.split()[1].rstrip(":"))
+        elif text.startswith("iteration "):
+            t = int(text.split()[1])
+        elif line.startswith("  ") and t:
+            name, rest = text.split(maxsplit=1)
+            lines[(t, name) if step is None else (step, t, name)] = rest
     return lines
 
 
@@ -32,11 +35,16 @@ def plan_lines(capsys, *argv: str) -> dict[tuple[int, str], str]:
 def test_plan_of_every_shipped_recipe_lists_its_stages_per_iteration(capsys, recipe):
     lines = plan_lines(capsys, str(REPO / "recipes" / recipe))
     parsed, _ = load_recipe(REPO / "recipes" / recipe)
-    names = ALGORITHMS[parsed.algorithm].names()
-    assert sorted(lines) == sorted((t, s) for t in range(1, parsed.iterations + 1) for s in names)
-    for (t, stage), rest in lines.items():
-        off = ALGORITHMS[parsed.algorithm].stage(stage).off(parsed)
-        assert rest.startswith("off" if off else "run"), (t, stage, rest)
+    steps = dict(enumerate(parsed.step_recipes(), 1)) if parsed.algorithm == "pipeline" else {None: parsed}
+    expected = {}
+    for k, step in steps.items():
+        algorithm = ALGORITHMS[step.algorithm]
+        for t in range(1, step.iterations + 1):
+            for stage in algorithm.stages:
+                expected[(t, stage.name) if k is None else (k, t, stage.name)] = "off" if stage.off(step) else "run"
+    assert sorted(lines) == sorted(expected)
+    for key, rest in lines.items():
+        assert rest.startswith(expected[key]), (key, rest)
 
 
 def test_plan_of_a_half_done_run_names_what_is_done_and_what_would_be_redone(tmp_path, capsys, judged_tiny_run):
