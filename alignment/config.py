@@ -226,6 +226,18 @@ class EngineConfig(StrictModel):
         return dict(self.extra) | ({"tensor_parallel_size": self.tensor_parallel_size} if self.tensor_parallel_size > 1 else {})
 
 
+class SelfRewardingJudgeConfig(JudgeConfig):
+    """The judge of Self-Rewarding: the policy M_t itself (the paper), or a fixed judge of its own."""
+
+    # Which model judges is part of the judge stage's inputs (like M_t's identity), not of its recipe
+    # hash; the connection settings of its engine change no result, as the main engine's.
+    model: str | None = Field(
+        None, description="a separate, fixed judge: its model reference (a local model/adapter dir, hub id, "
+        "smollm2-135m); None = the policy M_t judges itself (the paper)", json_schema_extra=NO_EFFECT)
+    engine: EngineConfig | None = Field(
+        None, description="the separate judge's engine (e.g. backend openai with a base_url serving a bigger model); "
+        "None with judge.model set = an engine like the recipe's", json_schema_extra=NO_EFFECT)
+
 class ReviewConfig(StrictModel):
     """Human review before training (see README "Reviewing judge data")."""
 
@@ -255,6 +267,9 @@ class RecipeBase(StrictModel):
         from alignment.models import resolve
 
         resolve(self.model)
+        judge = getattr(self, "judge", None)
+        if getattr(judge, "model", None):
+            resolve(judge.model)
         if self.engine.extra and self.engine.backend in ("auto", "vllm"):
             from alignment.generation import unknown_vllm_args, vllm_available
 
@@ -273,7 +288,7 @@ class SelfRewardingRecipe(RecipeBase):
     iterations: int = Field(3, ge=1, description="paper: M1 -> M2 -> M3")
     prompts: PromptsConfig
     generation: SamplingConfig = SamplingConfig()
-    judge: JudgeConfig = JudgeConfig()
+    judge: SelfRewardingJudgeConfig = SelfRewardingJudgeConfig()
     pairs: PairsConfig = PairsConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

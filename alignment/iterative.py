@@ -45,6 +45,7 @@ class Run:
     progress: Callable[[str, int], Progress] | None = None  # (stage, t) -> progress callback
     _generator: Generator | None = field(default=None, repr=False)
     _base: ResolvedModel | None = field(default=None, repr=False)
+    _judge: Generator | None = field(default=None, repr=False)
     _tokenizer: object = field(default=None, repr=False)
     models_read: list[int] | None = field(default=None, repr=False)  # the t of each model_hash(t) (planning)
 
@@ -130,23 +131,27 @@ class Run:
                              seconds=round(time.monotonic() - started, 2))
         return engine
 
+    def engine_spec(self, e, base: ResolvedModel, *, enable_lora: bool) -> EngineSpec:
+        """An engine for ``base`` with the settings of engine section ``e``."""
+        return EngineSpec(
+            base=base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
+            max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
+            gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+            enable_lora=enable_lora, batch_size=e.batch_size, cpu_threads=e.cpu_threads,
+            # An adapter given as the model keeps its own rank (DPO trains on from it), which
+            # may exceed the recipe's: vLLM refuses adapters above max_lora_rank.
+            max_lora_rank=lora_rank_slot(max(self.lora_rank(), adapter_rank(base.adapter))),
+            base_url=e.base_url, api_key_env=e.api_key_env, request_timeout_s=e.request_timeout_s,
+            max_concurrency=e.max_concurrency, extra=e.vllm_args(),
+        )
+
     def generator(self) -> Generator:
         """One engine per flow run, reused for generation and judging in every iteration (with
         merged adapters: restarted when the iteration's adapter changes)."""
         if self._generator is None:
             e = self.recipe.engine
             merged = self.adapter_serving() == "merged"
-            spec = EngineSpec(
-                base=self.base.base, backend=e.backend, seed=self.recipe.seed, dtype=e.dtype,
-                max_model_len=e.max_model_len, kv_cache_gib=e.kv_cache_gib,
-                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                enable_lora=self.needs_lora() and not merged, batch_size=e.batch_size, cpu_threads=e.cpu_threads,
-                # An adapter given as the model keeps its own rank (DPO trains on from it), which
-                # may exceed the recipe's: vLLM refuses adapters above max_lora_rank.
-                max_lora_rank=lora_rank_slot(max(self.lora_rank(), adapter_rank(self.base.adapter))),
-                base_url=e.base_url, api_key_env=e.api_key_env, request_timeout_s=e.request_timeout_s,
-                max_concurrency=e.max_concurrency, extra=e.vllm_args(),
-            )
+            spec = self.engine_spec(e, self.base, enable_lora=self.needs_lora() and not merged)
             if merged:  # the engine starts on first use, on the checkpoint of the adapter asked for
                 self._generator = MergedAdapters(spec, self.merged_dir, open_engine=self.open_engine, log=self.log)
             else:
@@ -155,13 +160,35 @@ class Run:
                 self.log(f"engine ready ({self._generator.backend})")
         return self._generator
 
+    # ---- a separate judge (Self-Rewarding's judge.model / judge.engine) ---------------------
+    def judge_model(self) -> ResolvedModel:
+        """The separate judge's model: ``judge.model``, else the recipe's model (on ``judge.engine``)."""
+        return resolve(self.recipe.judge.model or self.recipe.model)
+
+    def judge_identity(self) -> str:
+        """What a separate judge is, for the judge stage's inputs: its model reference (and its
+        adapter's weights) and its backend."""
+        j = self.recipe.judge
+        m = self.judge_model()
+        return hash_obj({"judge_model": j.model or self.recipe.model, "backend": (j.engine or self.recipe.engine).backend,
+                         "adapter": adapter_digest(m.adapter) if m.adapter else None})
+
+    def judge_generator(self) -> Generator:
+        """The separate judge's engine, opened once per flow run (its adapter, if any, per request)."""
+        if self._judge is None:
+            e = self.recipe.judge.engine or self.recipe.engine
+            model = self.judge_model()
+            self.log(f"starting {choose_backend(e.backend)} engine for the judge {self.recipe.judge.model or model.base}")
+            self._judge = self.open_engine(self.engine_spec(e, model, enable_lora=model.adapter is not None))
+        return self._judge
+
     def close(self) -> bool:
-        """Stop the engine (it restarts on the next use); True if one was running."""
-        if self._generator is None:
-            return False
-        self._generator.close()
-        self._generator = None
-        return True
+        """Stop the engines (they restart on the next use); True if one was running."""
+        running = [g for g in (self._generator, self._judge) if g is not None]
+        for g in running:
+            g.close()
+        self._generator = self._judge = None
+        return bool(running)
 
     # ---- stages --------------------------------------------------------------------------
     def stage_progress(self, stage: str, t: int) -> Progress | None:

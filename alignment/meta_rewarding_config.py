@@ -125,6 +125,16 @@ class MetaRewardingRecipe(SelfRewardingRecipe):
     meta_judge: MetaJudgeConfig = MetaJudgeConfig()
     pairs: MetaPairsConfig = MetaPairsConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_separate_judge(cls, data):
+        judge = data.get("judge") if isinstance(data, dict) else None
+        named = [k for k in ("model", "engine") if isinstance(judge, dict) and judge.get(k) is not None]
+        if named:
+            raise ValueError(f"field judge.{named[0]}: Meta-Rewarding trains its judge, so the judge must be the "
+                             "policy itself (a separate judge is a Self-Rewarding option)")
+        return data
+
 
     def trains_judge(self, t: int) -> bool:
         """Whether iteration t meta-judges and adds judge pairs to its DPO step (entries past

@@ -119,17 +119,31 @@ def compute_generate(run, t: int, ctx) -> Table:
 
 
 def compute_judge(run, t: int, ctx) -> Table:
-    """J judgments of every response by M_t, sharded by prompt (all K responses of a prompt in one shard)."""
+    """J judgments of every response, sharded by prompt (all K responses of a prompt in one shard):
+    by M_t itself, or by the fixed separate judge (``judge.model`` / ``judge.engine``)."""
     settings = judge_settings(run.recipe.judge)
     by_prompt = list(_group(run.store.read_rows(t, "generate")).values())
-    adapter = run.model(t).adapter
+    separate = separate_judge(run.recipe)
+    adapter = run.judge_model().adapter if separate else run.model(t).adapter
+    engine = run.judge_generator if separate else run.generator
     rows = ctx.shards(by_prompt, lambda chunk, i: judge_responses(
-        run.generator(), [r for group in chunk for r in group], settings, adapter=adapter,
+        engine(), [r for group in chunk for r in group], settings, adapter=adapter,
         seed=derive_seed(run.recipe.seed, t, "judge")))
-    stats = judge_stats(rows)
+    stats = judge_stats(rows) | {"judge_model": run.recipe.judge.model or run.recipe.model if separate else f"M_{t}"}
     run.log(f"iter {t} judge: {stats['scored']}/{stats['judgments']} judgments scored "
             f"({100 * stats['scored_share']:.0f}%), modes {stats['modes']}")
     return Table(rows, stats)
+
+
+def separate_judge(recipe) -> bool:
+    """Whether a model other than the policy judges (``judge.model`` / ``judge.engine``; Self-Rewarding only)."""
+    return getattr(recipe.judge, "model", None) is not None or getattr(recipe.judge, "engine", None) is not None
+
+
+def judge_inputs(run, t: int) -> dict:
+    """Who judges: M_t (the policy judges itself, its identity as every M_t-reading stage's), or the
+    separate judge's identity."""
+    return {"judge_model": run.judge_identity()} if separate_judge(run.recipe) else {"model": run.model_hash(t)}
 
 
 def compute_pairs(run, t: int, ctx) -> Table:
@@ -295,7 +309,7 @@ def pointwise_judge(run, t: int) -> dict:
 
 PROMPTS = Stage("prompts", compute_prompts, fields=("prompts", "model"), inputs=prompts_stage_inputs, settings=held_out)
 GENERATE = Stage("generate", compute_generate, reads=("prompts",), model=True, fields=("generation",), sharded=True)
-JUDGE = Stage("judge", compute_judge, reads=("generate",), model=True, fields=("judge",), sharded=True)
+JUDGE = Stage("judge", compute_judge, reads=("generate",), inputs=judge_inputs, fields=("judge",), sharded=True)
 PAIRS = Stage("pairs", compute_pairs, reads=("judge",), fields=("pairs",), report=report_pairs)
 TRAIN = Stage("train", compute_train, reads=("pairs",), model=True, fields=("train",), gated=True,
               releases_engine=lambda recipe: recipe.train.release_engine)

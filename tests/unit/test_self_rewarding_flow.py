@@ -151,3 +151,36 @@ def test_engine_lora_rank_fits_the_starting_adapter(tmp_path, tiny_model_dir, pr
         assert run.generator().spec.max_lora_rank == lora_rank_slot(32) == 32
     finally:
         run.close()
+
+
+def test_a_separate_judge_judges_and_is_an_input_of_the_judge_stage(tmp_path, tiny_model_dir, prompts_file):
+    """``judge.model`` (Self-Rewarding): a fixed judge on its own engine scores M_t's responses; which
+    judge it is enters the judge stage's inputs (another judge redoes judging, not generation);
+    Meta-Rewarding, which trains its judge, refuses one."""
+    from alignment.config import RecipeError
+    from alignment.stages import plan
+
+    judge = _outside_adapter(tmp_path / "judge-adapter", tiny_model_dir, r=4)
+    recipe_path = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), prompts_file, **{"judge.model": str(judge)})
+    recipe, data = load_recipe(recipe_path)
+    recipe.preflight()
+    store = RunStore.create(tmp_path / "run", recipe=data, algorithm=recipe.algorithm)
+    run = algorithm_run(store, recipe, log=lambda _: None)
+    try:
+        for stage in ("prompts", "generate", "judge"):
+            run.run_stage(stage, 1)
+    finally:
+        run.close()
+    m = store.manifest(1, "judge")
+    assert set(m["inputs"]) == {"generate", "judge_model"} and m["info"]["judge_model"] == str(judge)
+    assert m["info"]["scored"] == m["info"]["judgments"] > 0
+    started = [e["model"] for e in store.events() if e["event"] == "engine_started"]
+    assert len(started) == 2  # the policy's engine generated, the judge's own engine judged
+    other = algorithm_run(store, load_recipe(recipe_path, [f"judge.model={tiny_model_dir}"])[0], log=lambda _: None)
+    states = {r["stage"]: r for r in plan(other)}
+    assert states["generate"]["state"] == "done"
+    assert states["judge"]["state"] == "redo" and states["judge"]["reason"] == "inputs changed: judge_model"
+    meta = write_recipe(tmp_path / "m.yaml", str(tiny_model_dir), prompts_file, algorithm="meta-rewarding",
+                        **{"judge.model": str(judge)})
+    with pytest.raises(RecipeError, match="field judge.model: Meta-Rewarding trains its judge"):
+        load_recipe(meta)
