@@ -7,7 +7,7 @@ sees the pair twice: candidate as answer A (``candidate_first``) and candidate a
 letter both times, which is a tie, not a win for whichever model happened to be shown first.
 The statistics over the outcomes (win rate, bootstrap interval, length-controlled win rate)
 are :mod:`alignment.evaluation`'s; the stage that produces the answers and calls the judge is
-``SelfRewardingRun.eval``.
+``alignment.self_rewarding.compute_eval``.
 """
 
 from __future__ import annotations

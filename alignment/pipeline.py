@@ -16,6 +16,7 @@ from alignment.algorithms import algorithm_run
 from alignment.config import RecipeBase, parse_recipe
 from alignment.pipeline_config import PipelineRecipe, step_data
 from alignment.runs import commit_run
+from alignment.stages import plan
 from alignment.store import RUN_FILE, RunStore
 
 STEPS_DIR = "steps"
@@ -57,19 +58,17 @@ def plan_steps(store: RunStore | None, pipeline: PipelineRecipe) -> list[tuple[i
     """Per step: (k, its run, its plan rows) — rows from ``alignment.stages.plan`` for a step whose
     run directory exists and whose step before is done; else None (nothing of it can be checked
     yet: its M_1 is the model the step before will end with)."""
-    from alignment.stages import plan
-
     out, model, ready = [], pipeline.model, True
     for k in range(1, len(pipeline.steps) + 1):
         recipe = step_recipe(pipeline, k, model, str(store.root) if store else "recipe")
         path = step_dir(store.root, k, recipe.algorithm) if store else None
         if path is not None and ready and (path / RUN_FILE).is_file():
-            step_store = RunStore.open(path)
-            rows = plan(algorithm_run(step_store, recipe))
+            run = algorithm_run(RunStore.open(path), recipe)
+            rows = plan(run)
             ready = all(r["state"] in ("done", "off") for r in rows)
             if ready:
-                model = final_model(step_store, recipe)
-            out.append((k, algorithm_run(step_store, recipe), rows))
+                model = final_model(run.store, recipe)
+            out.append((k, run, rows))
         else:
             ready = False
             out.append((k, algorithm_run(None, recipe), None))

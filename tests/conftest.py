@@ -124,7 +124,7 @@ def judged_tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
 
 
 def copy_judged_run(judged: tuple[Path, Path], dest: Path):
-    """A private copy of ``judged_tiny_run`` at ``dest``: (store, SelfRewardingRun on it)."""
+    """A private copy of ``judged_tiny_run`` at ``dest``: (store, its Self-Rewarding run)."""
     import shutil
 
     from alignment.config import load_recipe

@@ -369,7 +369,7 @@ def test_meta_judge_section_without_optional_columns(tmp_path):
 def test_judge_training_off_iteration_has_a_one_line_note(tmp_path):
     store = RunStore.create(tmp_path / "run", recipe={"algorithm": "meta_rewarding"}, algorithm="meta_rewarding")
     store.write_rows(1, "judge", meta_rows(), inputs={}, recipe_hash="x")
-    for stage in META_STAGES:  # what MetaRewardingRun._skip_meta commits
+    for stage in META_STAGES:  # what meta_rewarding.judge_training_off commits
         store.write_rows(1, stage, [], inputs={}, recipe_hash="x", info={"judge_training": False})
     page = app_client(store.root).get("/iter/1/prompt?id=p-xss").text
     assert meta_section(page) is None
