@@ -38,9 +38,11 @@ def dpo_output(run, t: int, ctx, rows: list[dict], *, beta: float, loss_type: st
             checkpoint_dir=str(ckpt / "trainer"), beta=beta, loss_type=loss_type,
             learning_rate=tc.learning_rate, epochs=tc.epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
             max_length=tc.max_length, save_steps=tc.save_steps, seed=run.recipe.seed, lora=tc.lora.model_dump(),
-            crash_prefix=ctx.crash_prefix,
+            crash_prefix=ctx.crash_prefix, num_processes=tc.num_processes,
+            gradient_checkpointing=tc.gradient_checkpointing, load_in_4bit=tc.load_in_4bit,
         )
-        metrics = run_dpo(spec, launcher=tc.launcher, spec_path=ckpt / "spec.json", log=run.log)
+        metrics = run_dpo(spec, launcher=tc.launcher, spec_path=ckpt / "spec.json",
+                          accelerate_config=tc.accelerate_config, log=run.log)
         out.update(trained_rows_info(metrics))
         run.log(f"iter {t} train: adapter {final} (loss {metrics.get('train_loss', float('nan')):.4f}, "
                 f"{metrics.get('steps')} steps)")

@@ -39,16 +39,76 @@ def resolve_launcher(requested: str, *, on_gpu: bool, env: dict | None = None) -
     given back when it exits) or when ``SELFALIGN_TRAIN_LAUNCHER`` names a launcher (e.g.
     ``accelerate launch -m``), else ``inprocess`` (on CPU a trainer process costs ~10 s of imports
     per training job, 8% of a demo iteration, and gives back nothing the run needs)."""
-    if requested != "auto":
+    if requested != "auto":  # subprocess, inprocess, accelerate
         return requested
     env = os.environ if env is None else env
     return "subprocess" if on_gpu or env.get("SELFALIGN_TRAIN_LAUNCHER") else "inprocess"
 
 
-def run_dpo(spec: DPOSpec, *, launcher: str, spec_path: Path, log=print) -> dict:
-    if resolve_launcher(launcher, on_gpu=has_cuda()) == "inprocess":
+def accelerate_config_file(name_or_path: str) -> Path:
+    """The file of a shipped accelerate config (``fsdp``, ``zero2``, ``zero3``:
+    ``alignment/accelerate_configs/NAME.yaml``), else the path as given."""
+    shipped = Path(__file__).resolve().parent / "accelerate_configs" / f"{name_or_path}.yaml"
+    return shipped if "/" not in name_or_path and shipped.is_file() else Path(name_or_path)
+
+
+def accelerate_prefix(num_processes: int, config: str | None) -> list[str]:
+    """``python -m accelerate.commands.launch --num_processes N --num_machines 1`` and then either
+    ``--config_file F`` (FSDP, DeepSpeed: the file says how) or, without one, DDP over the N
+    processes: ``--multi_gpu``, i.e. torchrun, which is NCCL over GPUs and gloo over CPU processes
+    (accelerate's ``--cpu`` would start one process); to be followed by ``-m MODULE ARGS``.
+    ``--num_processes`` wins over a config file's own count. Mixed precision is left to the
+    trainer (TrainingArguments sets it from the GPU)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1"]
+    if config:
+        return cmd + ["--config_file", str(accelerate_config_file(config))]
+    return cmd + (["--multi_gpu"] if num_processes > 1 else []) + ["--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def accelerate_config_kind(path: Path) -> str:
+    """``distributed_type`` of an accelerate config file (DEEPSPEED, FSDP, MULTI_GPU, ...)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix != ".json" else json.loads(path.read_text())
+    return str((data or {}).get("distributed_type", "NO")).upper() if isinstance(data, dict) else "NO"
+
+
+def training_setup_problems(train, *, on_gpu: bool | None = None) -> list[str]:
+    """What this machine cannot run of a train section, as "field ...: why" lines, checked before a
+    run starts: an accelerate config file that is missing or unreadable, DeepSpeed without the
+    ``deepspeed`` package, FSDP / DeepSpeed or ``load_in_4bit`` without a CUDA GPU, QLoRA without
+    ``bitsandbytes``."""
+    import importlib.util
+
+    on_gpu = has_cuda() if on_gpu is None else on_gpu
+    problems = []
+    if train.accelerate_config:
+        path = accelerate_config_file(train.accelerate_config)
+        try:
+            kind = accelerate_config_kind(path)
+        except (OSError, ValueError) as err:  # yaml.YAMLError is a ValueError
+            return [f"field train.accelerate_config: cannot read {path}: {getattr(err, 'strerror', None) or err}"]
+        if kind in ("DEEPSPEED", "FSDP") and not on_gpu:
+            problems.append(f"field train.accelerate_config: {path.name} is {kind}, which needs CUDA GPUs "
+                            "(on CPU leave it out: several processes are DDP over gloo)")
+        if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+            problems.append(f"field train.accelerate_config: {path.name} uses DeepSpeed: pip install deepspeed")
+    if train.load_in_4bit and not on_gpu:
+        problems.append("field train.load_in_4bit: QLoRA's 4-bit base needs a CUDA GPU (bitsandbytes)")
+    elif train.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("field train.load_in_4bit: needs bitsandbytes (pip install bitsandbytes)")
+    return problems
+
+
+def run_dpo(spec: DPOSpec, *, launcher: str, spec_path: Path, accelerate_config: str | None = None, log=print) -> dict:
+    """Train ``spec`` with the resolved launcher: in this process, a subprocess, or ``accelerate
+    launch`` over ``spec.num_processes`` processes (rank 0 writes the adapter and metrics)."""
+    how = resolve_launcher(launcher, on_gpu=has_cuda())
+    if how == "inprocess":
         return run_inprocess(lambda: train_dpo(spec), "dpo", spec_path=spec_path, log=log)
-    return run_subprocess("alignment.training", "dpo", spec, spec_path=spec_path, log=log)
+    prefix = accelerate_prefix(spec.num_processes, accelerate_config) + ["-m"] if how == "accelerate" else None
+    return run_subprocess("alignment.training", "dpo", spec, spec_path=spec_path, log=log, prefix=prefix)
 
 
 def job_log_path(spec_path: Path, job: str) -> Path | None:
@@ -162,15 +222,17 @@ def run_inprocess(train, job: str, *, spec_path: Path, log=print) -> dict:
         output.close()
 
 
-def run_subprocess(module: str, job: str, spec, *, spec_path: Path, log=print) -> dict:
-    """Run ``python -m MODULE JOB SPEC.json`` (or ``$SELFALIGN_TRAIN_LAUNCHER -m ...``, e.g.
-    ``accelerate launch -m``), stream its ``[train]`` lines to ``log``, and return the
-    ``train_metrics.json`` it leaves in ``spec.output_dir``. The child dies with this process.
+def run_subprocess(module: str, job: str, spec, *, spec_path: Path, log=print, prefix: list[str] | None = None) -> dict:
+    """Run ``PREFIX MODULE JOB SPEC.json`` — PREFIX: ``python -m``, ``$SELFALIGN_TRAIN_LAUNCHER``
+    (e.g. ``accelerate launch -m``) or the given one (``accelerate_prefix`` + ``-m``) — stream
+    its ``[train]`` lines to ``log``, and return the ``train_metrics.json`` it leaves in
+    ``spec.output_dir``. The child dies with this process.
 
     Its whole output is appended to ``RUN/logs/iter_<t>-<stage>-<job>.log`` (``job_log_path``),
     and echoed to stderr under ``selfalign run -v``; on a terminal its step lines draw a bar."""
     spec_path.write_text(json.dumps(asdict(spec), indent=1))
-    cmd = os.environ.get("SELFALIGN_TRAIN_LAUNCHER", f"{sys.executable} -m").split() + [module, job, str(spec_path)]
+    prefix = prefix or os.environ.get("SELFALIGN_TRAIN_LAUNCHER", f"{sys.executable} -m").split()
+    cmd = prefix + [module, job, str(spec_path)]
     env = dict(os.environ, SELFALIGN_RUN_PID=os.environ.get("SELFALIGN_RUN_PID", str(os.getpid())),
                TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])))

@@ -42,6 +42,9 @@ class DPOSpec:
     lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05,
                                                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
     crash_prefix: str = ""  # fault-injection point prefix, e.g. "iter1/train"
+    num_processes: int = 1  # world size of the job (accelerate launch); batch_size is over all of them
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False  # QLoRA (CUDA + bitsandbytes)
 
 
 def to_conversational(rows: list[dict]) -> list[dict]:
@@ -154,8 +157,11 @@ def resume_key(spec: DPOSpec) -> str:
     import hashlib
 
     d = asdict(spec)
-    for k in ("data", "output_dir", "checkpoint_dir", "save_steps", "crash_prefix", "init_adapter"):
+    for k in ("data", "output_dir", "checkpoint_dir", "save_steps", "crash_prefix", "init_adapter",
+              "gradient_checkpointing"):
         d.pop(k)
+    if d["num_processes"] == 1 and not d["load_in_4bit"]:  # a job of an older version resumes as before
+        del d["num_processes"], d["load_in_4bit"]
     d["data_sha256"] = file_hash(spec.data)
     d["init_adapter_sha256"] = (file_hash(Path(spec.init_adapter, "adapter_model.safetensors"))
                                 if spec.init_adapter else None)
@@ -221,6 +227,53 @@ def crash_points_callback(prefix: str):
     return _CrashPoints()
 
 
+def process_rank(env) -> int:
+    """This process's rank in a job started by ``accelerate launch`` / torchrun (``RANK``), 0 alone."""
+    return int(env.get("RANK", "0"))
+
+
+def per_device_batch(batch_size: int, num_processes: int) -> int:
+    """Rows per process and micro-step when one optimizer step takes ``batch_size`` rows (before
+    gradient accumulation) over ``num_processes`` processes: batch_size / num_processes. The
+    recipe refuses a batch that does not divide (``config.training_launch_problems``)."""
+    if batch_size % num_processes:
+        raise ValueError(f"batch_size {batch_size} does not split over {num_processes} processes")
+    return batch_size // num_processes
+
+
+def base_model_kwargs(spec: DPOSpec, on_gpu: bool) -> dict:
+    """``from_pretrained`` arguments of the frozen base: fp32 on CPU, the checkpoint's dtype on GPU,
+    or (``load_in_4bit``, QLoRA) NF4 weights with bf16 compute on this process's GPU."""
+    import torch
+
+    if not spec.load_in_4bit:
+        return {"dtype": "auto" if on_gpu else torch.float32}
+    if not on_gpu:
+        raise ValueError("train.load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit weights)")
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True,
+                                                      bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}, "dtype": torch.bfloat16}
+
+
+def save_adapter(trainer, output_dir: str) -> None:
+    """Save the trained adapter ("default", not TRL's frozen "ref" copy) once, from rank 0.
+
+    Under FSDP or DeepSpeed ZeRO-3 each process holds a shard of every weight, so the full state
+    dict is gathered first (a collective: every rank takes part); elsewhere rank 0 saves its own
+    copy, which DDP keeps identical on every rank."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and
+                                          trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    if trainer.accelerator.is_main_process:
+        model.save_pretrained(output_dir, selected_adapters=["default"],
+                              **({"state_dict": state_dict} if sharded else {}))
+    trainer.accelerator.wait_for_everyone()
+
+
 def train_dpo(spec: DPOSpec) -> dict:
     """Train one DPO step with LoRA; save the adapter to ``spec.output_dir``; return metrics."""
     import torch
@@ -234,10 +287,16 @@ def train_dpo(spec: DPOSpec) -> dict:
     started = time.monotonic()  # after the imports: what the job costs beyond starting Python
     torch.manual_seed(spec.seed)
     on_gpu = torch.cuda.is_available()
+    main = process_rank(os.environ) == 0
+    say = print if main else (lambda *a, **k: None)  # every rank's output shares one pipe: rank 0 speaks
     tokenizer = AutoTokenizer.from_pretrained(spec.base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(spec.base, dtype=torch.float32 if not on_gpu else "auto")
+    model = AutoModelForCausalLM.from_pretrained(spec.base, **base_model_kwargs(spec, on_gpu))
+    if spec.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     peft_config = None
     if spec.init_adapter:
         model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
@@ -246,7 +305,7 @@ def train_dpo(spec: DPOSpec) -> dict:
         lora_used = lora_settings(model.peft_config["default"])
         changed = lora_differences(lora_used, spec.lora)
         if changed:
-            print(f"[train] WARNING training continues the LoRA of {spec.init_adapter} in its own shape, not the "
+            say(f"[train] WARNING training continues the LoRA of {spec.init_adapter} in its own shape, not the "
                   f"recipe's train.lora: {', '.join(changed)}", flush=True)
     else:
         lora_used = dict(spec.lora, target_modules=sorted(spec.lora["target_modules"]))
@@ -265,7 +324,7 @@ def train_dpo(spec: DPOSpec) -> dict:
         loss_type=[spec.loss_type],
         learning_rate=spec.learning_rate,
         num_train_epochs=spec.epochs,
-        per_device_train_batch_size=spec.batch_size,
+        per_device_train_batch_size=per_device_batch(spec.batch_size, spec.num_processes),
         gradient_accumulation_steps=spec.grad_accum,
         max_length=spec.max_length,
         logging_steps=1,
@@ -278,11 +337,16 @@ def train_dpo(spec: DPOSpec) -> dict:
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if spec.gradient_checkpointing else None,
     )
+    if args.world_size != spec.num_processes:
+        raise ValueError(f"this job runs in {args.world_size} process(es) but was set up for train.num_processes "
+                         f"{spec.num_processes} (its batch_size {spec.batch_size} is split over that many)")
 
     class _Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
+            if logs and "loss" in logs and state.is_world_process_zero:
                 margin = logs.get("rewards/margins")
                 extra = f" margin {margin:.4f}" if isinstance(margin, (int, float)) else ""
                 print(f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}{extra}", flush=True)
@@ -299,14 +363,18 @@ def train_dpo(spec: DPOSpec) -> dict:
     if not report["trained_rows"]:
         raise ValueError(f"every training row has a prompt of >= max_length {spec.max_length} tokens; "
                          "raise train.max_length")
-    _prepare_checkpoint_dir(spec)
+    with args.main_process_first(local=False, desc="checkpoint directory"):  # the others wait for rank 0
+        if main:
+            _prepare_checkpoint_dir(spec)
     resume = latest_checkpoint(spec.checkpoint_dir)
     if resume:
-        print(f"[train] resuming from {resume}", flush=True)
+        say(f"[train] resuming from {resume}", flush=True)
         _restore_trained_adapter(trainer.model, resume)
     result = trainer.train(resume_from_checkpoint=resume)
     crash_point(f"{spec.crash_prefix}/before_save")
-    trainer.model.save_pretrained(spec.output_dir, selected_adapters=["default"])
+    save_adapter(trainer, spec.output_dir)
+    if not main:
+        return {}
     tokenizer.save_pretrained(spec.output_dir)
     history = [h for h in trainer.state.log_history if "loss" in h]
     keys = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -336,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m alignment.training dpo SPEC.json", file=sys.stderr)
         return 2
     spec = DPOSpec(**json.loads(Path(argv[1]).read_text()))
-    metrics = train_dpo(spec)
-    for line in truncation_warnings(metrics):  # the stage logs these itself (not "[train]" lines)
+    metrics = train_dpo(spec)  # {} on every rank but 0
+    for line in truncation_warnings(metrics) if metrics else ():  # the stage logs these itself (not "[train]" lines)
         print(f"WARNING {line}", flush=True)
     return 0
 
