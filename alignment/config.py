@@ -358,6 +358,9 @@ class SelfRewardingRecipe(RecipeBase):
             raise ValueError("judge.mode 'constrained' needs engine.backend vllm (or auto with vLLM installed)")
         if self.judge.score == "expected" and self.judge.mode != "logprob":
             raise ValueError("judge.score 'expected' needs judge.mode 'logprob'")
+        if self.eval.judge.model == "judge" and not self.judge.model:
+            raise ValueError("field eval.judge.model: 'judge' evaluates with the recipe's separate judge, and "
+                             "judge.model is not set (set it, or use 'base')")
         return self
 
 

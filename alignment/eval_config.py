@@ -36,9 +36,10 @@ class PairwiseJudgeConfig(BaseModel):
 
     model_config = STRICT
 
-    model: Literal["base", "initial"] = Field(
+    model: Literal["base", "initial", "judge"] = Field(
         "base", description="who judges: base = the base model without any adapter; initial = M_1, the recipe's "
-                            "model (differs from base when the recipe's model is an adapter)")
+                            "model (differs from base when the recipe's model is an adapter); judge = the recipe's "
+                            "separate judge (judge.model on judge.engine, e.g. a bigger model on a server)")
     mode: Literal["free", "logprob"] = "free"
     temperature: float = Field(0.0, ge=0, description="0 = greedy: the same pair gets the same verdict")
     top_p: float = Field(1.0, gt=0, le=1)

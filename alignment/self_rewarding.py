@@ -182,15 +182,31 @@ def compute_train(run, t: int, ctx):
     rows, applied = train_rows(run, t)
     return dpo_output(run, t, ctx, rows, beta=run.recipe.train.beta, info={"corrections": applied})
 def eval_judge_adapter(run) -> str | None:
-    """The fixed judge's adapter: none (the base model) or M_1's (``eval.judge.model: initial``)."""
-    return run.base.adapter if run.recipe.eval.judge.model == "initial" else None
+    """The fixed judge's adapter: none (the base model), M_1's (``eval.judge.model: initial``) or
+    the separate judge's (``judge``: ``judge.model``'s own adapter, if it is one)."""
+    who = run.recipe.eval.judge.model
+    return run.base.adapter if who == "initial" else run.judge_model().adapter if who == "judge" else None
+
+
+def eval_judge(run):
+    """The engine the fixed judge runs on: the separate judge's (``eval.judge.model: judge``), else
+    the run's own engine (base or M_1 served through it)."""
+    return run.judge_generator() if run.recipe.eval.judge.model == "judge" else run.generator()
+
+
+def eval_judge_identity(run) -> str:
+    """Who the fixed judge is, for the eval stage's inputs: M_1's identity, the separate judge's, or
+    the base model's."""
+    who = run.recipe.eval.judge.model
+    if who == "judge":
+        return run.judge_identity()
+    return run.model_hash(1) if who == "initial" else hash_obj({"model": run.recipe.model, "judge": "base"})
 
 
 def eval_inputs(run, t: int) -> dict:
     """The eval stage's inputs: the prompt files, M_t (before), M_{t+1} (after), the fixed judge, the references."""
     ev = run.recipe.eval
-    judge_model = run.model_hash(1) if ev.judge.model == "initial" else hash_obj({"model": run.recipe.model,
-                                                                                   "judge": "base"})
+    judge_model = eval_judge_identity(run)
     inputs = prompt_inputs(run) | {"before": run.model_hash(t), "after": run.model_hash(t + 1), "judge_model": judge_model}
     if ev.reference:
         inputs["reference"] = sha256_file(Path(ev.reference))
@@ -218,24 +234,24 @@ def compute_eval(run, t: int, ctx) -> Table:
     answer_seed = derive_seed(seed, "eval-answers")
     answers = {side: generate_responses(gen, prompts, sampling, adapter=model.adapter, seed=answer_seed)
                for side, model in (("before", before), ("after", after))}
-    adapter = eval_judge_adapter(run)
+    adapter, judge = eval_judge_adapter(run), eval_judge(run)
     j = ev.judge
     settings = PairwiseSettings(mode=j.mode, temperature=j.temperature, top_p=j.top_p,
                                 max_tokens=j.max_tokens, min_verdict_mass=j.min_verdict_mass)
     items = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"], "candidate": a["response"],
               "baseline": b["response"]} for b, a in zip(answers["before"], answers["after"])]
-    verdicts = compare(gen, items, settings, adapter=adapter, seed=derive_seed(seed, "eval-judge"))
+    verdicts = compare(judge, items, settings, adapter=adapter, seed=derive_seed(seed, "eval-judge"))
     reference = load_reference(ev.reference) if ev.reference else {}
     ref_items = [i | {"baseline": reference[i["prompt_id"]]} for i in items if i["prompt_id"] in reference]
     ref_verdicts = dict(zip((i["prompt_id"] for i in ref_items), compare(
-        gen, ref_items, settings, adapter=adapter, seed=derive_seed(seed, "eval-judge-reference"))))
+        judge, ref_items, settings, adapter=adapter, seed=derive_seed(seed, "eval-judge-reference"))))
     ref_lengths = dict(zip((i["prompt_id"] for i in ref_items), run.token_lengths([i["baseline"] for i in ref_items])))
     scores: dict[str, list] = {side: [None] * len(prompts) for side in answers}
     if j.pointwise:
         js = judge_settings(run.recipe.judge)
         for side in answers:
             scores[side] = [r["mean_score"] for r in judge_responses(
-                gen, answers[side], js, adapter=adapter, seed=derive_seed(seed, "eval-score", side))]
+                judge, answers[side], js, adapter=adapter, seed=derive_seed(seed, "eval-score", side))]
     rows = []
     for k, (b, a, v) in enumerate(zip(answers["before"], answers["after"], verdicts)):
         rv = ref_verdicts.get(b["prompt_id"], {})
@@ -254,7 +270,16 @@ def compute_eval(run, t: int, ctx) -> Table:
         })
     return Table(rows, eval_summary(rows, seed=seed, resamples=ev.bootstrap_resamples) | {
         "model_before": before.label, "model_after": after.label,
-        "judge": f"{run.base.base} ({'M_1' if adapter else 'base'})"})
+        "judge": eval_judge_label(run)})
+
+
+def eval_judge_label(run) -> str:
+    """The fixed judge in words, for the summary: ``<base> (base)``, ``<base> (M_1)`` or
+    ``<judge.model> (separate judge, <backend>)``."""
+    who = run.recipe.eval.judge.model
+    if who == "judge":
+        return f"{run.recipe.judge.model} (separate judge, {(run.recipe.judge.engine or run.recipe.engine).backend})"
+    return f"{run.base.base} ({'M_1' if who == 'initial' else 'base'})"
 
 
 def report_eval(run, t: int, info: dict) -> None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from alignment.config import load_recipe
+from alignment.config import RecipeError, load_recipe
 from alignment.data import DataError, prompt_id
 from alignment.store import RunStore
 from tests.conftest import write_recipe
@@ -76,6 +76,32 @@ def test_resumed_run_redoes_nothing(evaluated_run):
     assert sorted(e["stage"] for e in new if e["event"] == "skip") == sorted(
         ["prompts", "generate", "judge", "pairs", "train", "eval"])
     assert again["eval"] == first["eval"]
+
+
+def test_the_recipes_separate_judge_can_be_the_eval_judge(evaluated_run, tmp_path, tiny_model_dir):
+    """``eval.judge.model: judge``: the head-to-head and the pointwise scores come from the separate
+    judge's engine (``judge.model`` / ``judge.engine``), whose identity is the stage's judge input."""
+    import shutil
+
+    from alignment.algorithms import algorithm_run
+
+    store, _ = evaluated_run
+    shutil.copytree(store.root, tmp_path / "run")
+    copy = RunStore.open(tmp_path / "run")
+    recipe, _ = load_recipe(copy.root / "recipe.yaml", [f"judge.model={tiny_model_dir}", "eval.judge.model=judge"])
+    logs = []
+    run = algorithm_run(copy, recipe, log=logs.append)
+    run.run_stage("eval", 1)
+    m = copy.manifest(1, "eval")
+    assert m["inputs"]["judge_model"] == run.judge_identity() != store.manifest(1, "eval")["inputs"]["judge_model"]
+    assert m["info"]["judge"] == f"{tiny_model_dir} (separate judge, transformers)"
+    assert any(line.startswith("starting transformers engine for the judge") for line in logs), logs
+    assert m["info"]["prompts"] == 2 and m["info"]["mean_score_after"] is not None
+
+
+def test_the_separate_judge_as_eval_judge_needs_one(tmp_path, tiny_model_dir, prompts_file):
+    with pytest.raises(RecipeError, match=r"field eval.judge.model: 'judge' evaluates with the recipe's separate judge"):
+        _preflight(tmp_path, tiny_model_dir, prompts_file, heldout_fraction=0.25, **{"judge.model": "judge"})
 
 
 # ------------------------------------------------------------------------------ bad input
