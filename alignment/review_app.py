@@ -58,7 +58,18 @@ from alignment.review_data import (
     small_int,
 )
 from alignment.review_urls import ITERATION_ROUTE
-from alignment.review_views import NOT_OVERRIDDEN, bar_chart, format_value, meta_judge_view, prompt_views, stage_page_of
+from alignment.review_views import (
+    NOT_OVERRIDDEN,
+    bar_chart,
+    eval_charts,
+    format_value,
+    judge_identity,
+    meta_judge_view,
+    pretty_json,
+    prompt_views,
+    stage_page_of,
+    training_curve_charts,
+)
 from alignment.store import RunStore
 
 
@@ -146,21 +157,28 @@ def create_app(run_dir, host: str = "127.0.0.1") -> Starlette:
         iterations = []
         for t in store.iterations():
             state = data.state(t)
+            manifests = {s["stage"]: store.manifest(t, s["stage"]) for s in status
+                         if s["iteration"] == t and s["state"] == "done"}
+            metrics = store.read_json(t, "metrics.json")
             iterations.append({
                 "t": t,
                 "stages": [s for s in status if s["iteration"] == t],
                 "stats": state.stats if state else None,
                 "histogram": bar_chart([f"{b:g}" for b in HIST_BINS], [("judgments", state.stats["histogram"])])
                 if state else None,
-                "manifests": {s["stage"]: store.manifest(t, s["stage"]) for s in status
-                              if s["iteration"] == t and s["state"] == "done"},
-                "metrics": store.read_json(t, "metrics.json"),
+                "manifests": manifests,
+                "judged_by": judge_identity(manifests.get("judge"), t),
+                "curves": training_curve_charts(metrics),
+                "metrics_json": pretty_json(metrics) if metrics else None,
+                # The eval stage's summary, as soon as the stage is complete (metrics.json comes later).
+                "eval": (manifests.get("eval") or {}).get("info"),
             })
         with_stats = [i for i in iterations if i["stats"]]
         lengths = bar_chart([f"iter {i['t']}" for i in with_stats],
                             [("chosen", [i["stats"]["chosen_length"] for i in with_stats]),
                              ("rejected", [i["stats"]["rejected_length"] for i in with_stats])]) if with_stats else None
         return render(request, "overview.html", {"iterations": iterations, "lengths": lengths,
+                                                 "evals": eval_charts([(i["t"], i["eval"]) for i in iterations]),
                                                  "run": store.run_info()})
 
     def browser_page(request: Request, t: int, error: str | None = None, status: int = 200) -> Response:
@@ -179,7 +197,7 @@ def create_app(run_dir, host: str = "127.0.0.1") -> Starlette:
             "items": list(zip(shown, prompt_views(state, [s["prompt_id"] for s in shown]))),
             "extra": extra, "error": error, "return_to": str(request.url.path) + (
                 "?" + request.url.query if request.url.query else ""),
-            "who": reviewer_of(request),
+            "who": reviewer_of(request), "judged_by": judge_identity(store.manifest(t, "judge"), t),
         }, status)
 
     def iteration(request: Request) -> Response:

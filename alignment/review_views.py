@@ -144,3 +144,168 @@ def bar_chart(labels: list[str], series: list[tuple[str, list[float | None]]],
             "top": format_value(float(top)), "legend": [name for name, _ in series]}
 
 
+
+
+# ---------------------------------------------------------------------------- line charts
+
+MAX_MARKERS = 40  # a series with more points is drawn as a line only (one <circle> per point below)
+LEGEND_CHAR_PX = 6  # legend layout: the width of a legend entry is 22 + 6 px per character of its name
+
+
+def finite(value) -> bool:
+    """Whether ``value`` is a plottable number: an int or float, not a bool, not NaN or ±inf."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def span(values: list[float]) -> tuple[float, float]:
+    """(min, max) of ``values``; a single value v widens to (v − 1, v + 1), so it is drawn centred."""
+    low, high = min(values), max(values)
+    return (low - 1, high + 1) if low == high else (low, high)
+
+
+def line_chart(x: list, series: list[tuple[str, list]], *, errors: dict[str, list] | None = None,
+               rules: list[tuple[str, float]] = (), include: tuple[float, ...] = (), x_title: str = "",
+               width: int = 360, height: int = 180, left: int = 46, right: int = 10, top: int = 10,
+               bottom: int = 54) -> dict | None:
+    """Geometry of a line chart for the ``line_chart`` template macro (no JS): one polyline per
+    series over the shared ``x`` values, a legend, optional error bars and horizontal rules.
+
+    A point whose x or y is None, NaN or ±inf is skipped (the line joins its neighbours).
+    Data (x, y) maps to SVG pixels (y grows downwards) by
+
+        px = left + (x − x_min) / (x_max − x_min) · (width − left − right)
+        py = top  + (y_max − y) / (y_max − y_min) · (height − top − bottom)
+
+    with [x_min, x_max] the span of the plotted points' x and [y_min, y_max] the span of their
+    y, the error bars' ends, the ``rules`` and ``include`` (e.g. 0 and 1 for a rate); a span of
+    one value v is (v − 1, v + 1), so a single x or a flat series is drawn centred.
+
+    ``errors``: {series name: [(low, high) or None, one per x]}, drawn as vertical bars at the
+    series' x; ``rules``: [(label, y)] reference lines across the plot. None when no point of
+    any series is plottable.
+    """
+    errors = errors or {}
+    plotted = [[(xv, yv) for xv, yv in zip(x, values) if finite(xv) and finite(yv)] for _, values in series]
+    points = [p for ps in plotted for p in ps]
+    if not points:
+        return None
+    bars = []  # (x, low, high, series index)
+    for index, (name, _) in enumerate(series):
+        for xv, interval in zip(x, errors.get(name, ())):
+            if interval is not None and finite(xv) and all(finite(v) for v in interval):
+                bars.append((xv, interval[0], interval[1], index))
+    x_min, x_max = span([xv for xv, _ in points])
+    y_min, y_max = span([yv for _, yv in points] + [v for _, lo, hi, _ in bars for v in (lo, hi)]
+                        + [y for _, y in rules] + list(include))
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(xv: float) -> float:
+        return round(left + (xv - x_min) / (x_max - x_min) * plot_w, 2)
+
+    def py(yv: float) -> float:
+        return round(top + (y_max - yv) / (y_max - y_min) * plot_h, 2)
+
+    shown = []
+    for index, ((name, _), ps) in enumerate(zip(series, plotted)):
+        coords = [{"x": px(xv), "y": py(yv), "title": f"{name} at {x_title} {format_value(xv)}: {format_value(yv)}"}
+                  for xv, yv in ps]
+        shown.append({"name": name, "index": index, "points": coords, "markers": len(coords) <= MAX_MARKERS,
+                      "path": " ".join(f"{p['x']},{p['y']}" for p in coords)})
+    xs = sorted({xv for xv, _ in points})
+    ticks = xs if len(xs) <= 6 else [xs[0], xs[len(xs) // 2], xs[-1]]
+    legend, offset = [], left
+    for index, (name, _) in enumerate(series):
+        legend.append({"name": name, "index": index, "x": offset})
+        offset += 22 + LEGEND_CHAR_PX * len(name)
+    return {
+        "width": width, "height": height, "left": left, "right": width - right, "top": top,
+        "bottom": height - bottom, "middle": round(left + plot_w / 2, 2), "x_title": x_title, "series": shown,
+        "legend": legend,
+        "errors": [{"x": px(xv), "low": py(lo), "high": py(hi), "index": index,
+                    "title": f"{series[index][0]} 95% interval: [{format_value(lo)}, {format_value(hi)}]"}
+                   for xv, lo, hi, index in bars],
+        "rules": [{"y": py(y), "label": label} for label, y in rules],
+        "x_ticks": [{"x": px(xv), "label": format_value(xv)} for xv in ticks],
+        "y_ticks": [{"y": py(yv), "label": format_value(float(yv))} for yv in (y_min, y_max)],
+    }
+
+
+# ---------------------------------------------------------------------------- overview charts
+
+# The DPO training curve (``metrics.json`` → ``train_metrics.curve``, one row per logged step, TRL's
+# names): two panels, since the log-probabilities are on another scale than the loss and margin.
+CURVE_PANELS = (
+    ("loss and reward margin", (("loss", "loss"), ("reward margin", "rewards/margins"))),
+    ("log-probabilities of the answers", (("log p(chosen)", "logps/chosen"), ("log p(rejected)", "logps/rejected"))),
+)
+
+
+def training_curve_charts(metrics: dict | None) -> list[dict]:
+    """The training curve of an iteration's ``metrics.json`` as line charts over the optimizer
+    step, one per ``CURVE_PANELS`` entry that has a plottable value: [{"title", "chart"}].
+    Empty without a curve (training skipped, not run yet, or an algorithm without DPO)."""
+    train = (metrics or {}).get("train_metrics") if isinstance(metrics, dict) else None
+    curve = [c for c in (train.get("curve") or []) if isinstance(c, dict)] if isinstance(train, dict) else []
+    steps = [c.get("step") for c in curve]
+    charts = []
+    for title, columns in CURVE_PANELS:
+        chart = line_chart(steps, [(name, [c.get(key) for c in curve]) for name, key in columns], x_title="step")
+        if chart is not None:
+            charts.append({"title": title, "chart": chart})
+    return charts
+
+
+EVAL_KEYS = ("win_rate", "lc_win_rate", "mean_length_before", "mean_length_after")
+
+
+def interval_of(ci) -> tuple[float, float] | None:
+    """A stored ``[low, high]`` interval as a tuple; None when missing or not two finite numbers."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(v) for v in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def eval_charts(evals: list[tuple[int, dict | None]]) -> dict | None:
+    """The eval stage's results across iterations: M_{t+1} against M_t for each iteration t whose
+    eval summary (``alignment.self_rewarding.eval_summary``: the eval stage's manifest info) has
+    one of ``EVAL_KEYS``.
+
+    ``win``: win rate with its bootstrap 95% interval as an error bar, LC win rate, a rule at
+    0.5 (no change), the y axis spanning at least [0, 1]; ``length``: mean answer length
+    (tokens) of each side, from 0; ``rows``: the numbers per iteration (and the fixed eval
+    judge, the summary's ``judge``). None when no iteration has eval results."""
+    shown = [(t, ev) for t, ev in evals if isinstance(ev, dict) and any(finite(ev.get(k)) for k in EVAL_KEYS)]
+    if not shown:
+        return None
+    ts = [t for t, _ in shown]
+    rows = [{"t": t, "win_rate": ev.get("win_rate"), "ci": interval_of(ev.get("win_rate_ci")),
+             "lc_win_rate": ev.get("lc_win_rate"), "length_before": ev.get("mean_length_before"),
+             "length_after": ev.get("mean_length_after"), "prompts": ev.get("prompts"), "wins": ev.get("wins"),
+             "ties": ev.get("ties"), "losses": ev.get("losses"), "failed": ev.get("failed"),
+             "judge": ev.get("judge")} for t, ev in shown]
+    x_title = "iteration t"
+    win = line_chart(ts, [("win rate (95% interval)", [r["win_rate"] for r in rows]),
+                          ("LC win rate", [r["lc_win_rate"] for r in rows])],
+                     errors={"win rate (95% interval)": [r["ci"] for r in rows]}, rules=[("0.5", 0.5)],
+                     include=(0.0, 1.0), x_title=x_title)
+    length = line_chart(ts, [("M_t (before)", [r["length_before"] for r in rows]),
+                             ("M_t+1 (after)", [r["length_after"] for r in rows])], include=(0.0,), x_title=x_title)
+    return {"win": win, "length": length, "rows": rows}
+
+
+def judge_identity(manifest: dict | None, t: int) -> dict | None:
+    """Who judged iteration t, from its judge stage's manifest: a separate judge, whose identity
+    the stage records in its inputs as ``judge_model`` (its info names the model), or else the
+    policy M_t itself. None without a complete judge stage (or for an algorithm without one)."""
+    if not isinstance(manifest, dict):
+        return None
+    identity = (manifest.get("inputs") or {}).get("judge_model")
+    if identity is None:
+        return {"separate": False, "text": f"the policy M_{t} (self-judging)", "identity": None}
+    name = (manifest.get("info") or {}).get("judge_model")
+    return {"separate": True, "text": str(name or identity), "identity": str(identity)}
+
+
+def pretty_json(value) -> str:
+    """``value`` as indented JSON for a raw-data disclosure (NaN stays NaN, as Python writes it)."""
+    return json.dumps(value, indent=1, ensure_ascii=False, default=str)

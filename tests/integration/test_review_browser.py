@@ -25,7 +25,7 @@ from alignment.corrections import CORRECTIONS_FILE, reviewed_pairs
 from alignment.pairs import build_pairs
 from alignment.review_app import create_app
 from alignment.store import RunStore
-from tests.unit.test_review_app import judge_rows
+from tests.unit.test_review_app import add_eval_and_metrics, judge_rows
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -123,6 +123,32 @@ def test_filter_ties_and_correct_in_browser(server, page, run):
     assert page.locator("header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(29, 35, 48)"
     assert page.csp_errors == []
     page.screenshot(path=str(ARTIFACTS / "review.png"), full_page=True)
+
+
+def test_overview_charts_render_in_browser(server, page, run):
+    """The overview's training-curve and eval charts (inline SVG, coloured by the stylesheet)
+    are laid out with a size, their legends are visible, and the raw metrics stay folded."""
+    add_eval_and_metrics(run)
+    page.goto(f"{server}/")
+    for chart, legend in ((".training-curve svg", "reward margin"), (".training-curve svg >> nth=1", "log p(rejected)"),
+                          (".eval-win svg", "LC win rate"), (".eval-length svg", "M_t+1 (after)")):
+        svg = page.locator(chart).first
+        box = svg.bounding_box()
+        assert box is not None and box["width"] > 100 and box["height"] > 100, chart
+        assert svg.locator("text", has_text=legend).first.is_visible(), (chart, legend)
+        line = svg.locator("polyline").first.bounding_box()
+        assert line is not None and line["width"] > 0, chart  # the series' line is drawn
+    curve_line = page.locator(".training-curve polyline.k0").first
+    assert curve_line.evaluate("e => getComputedStyle(e).stroke") == "rgb(53, 89, 199)"
+    assert curve_line.evaluate("e => getComputedStyle(e).fill") == "none"
+    assert page.locator(".eval-win .err line").count() == 3  # one error bar: the bar and its two caps
+    raw = page.locator("details.raw-metrics pre").first
+    assert not raw.is_visible()
+    page.locator("details.raw-metrics summary").first.click()
+    assert raw.is_visible() and "rewards/margins" in raw.inner_text()
+    assert page.csp_errors == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "review-overview-charts.png"), full_page=True)
 
 
 def test_form_from_another_page_is_refused_in_browser(server, page, run):

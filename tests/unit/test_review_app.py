@@ -31,6 +31,8 @@ from alignment.meta_rewarding import (
 )
 from alignment.pairs import build_pairs
 from alignment.review_app import META_STAGES, create_app
+from alignment.review_views import eval_charts, judge_identity, line_chart, training_curve_charts
+from alignment.self_rewarding import eval_summary
 from alignment.store import RunStore
 
 SCRIPT = "<script>alert('x')</script>"
@@ -862,3 +864,217 @@ def test_a_wrong_token_of_any_shape_is_a_403(client, run, token):
     csrf_token(client)  # a session
     assert raw_post(client, {**SWAP_FORM, "csrf_token": token}).status_code == 403
     assert load_corrections(run) == []
+
+
+# ---------------------------------------------------------------------------- overview charts (issue 16, item 1)
+# line_chart maps (x, y) to px = left + (x − x_min)/(x_max − x_min)·(width − left − right),
+# py = top + (y_max − y)/(y_max − y_min)·(height − top − bottom). With width 200, height 100,
+# left 20, right 10, top 10, bottom 20 the plot is 170 × 70 px from (20, 10).
+BOX = {"width": 200, "height": 100, "left": 20, "right": 10, "top": 10, "bottom": 20}
+
+
+def coords(chart: dict, index: int = 0) -> list[tuple[float, float]]:
+    return [(p["x"], p["y"]) for p in chart["series"][index]["points"]]
+
+
+def test_line_chart_geometry_skips_missing_values():
+    chart = line_chart([1, 2, 3], [("a", [2.0, None, 4.0]), ("b", [3.0, float("nan"), None])], x_title="step", **BOX)
+    # x span [1, 3] (x = 2 has no plotted point), y span [2, 4]:
+    # a (1, 2) → (20 + 0·170, 10 + (4 − 2)/2·70) = (20, 80); a (3, 4) → (190, 10); b (1, 3) → (20, 45).
+    assert coords(chart, 0) == [(20.0, 80.0), (190.0, 10.0)]
+    assert coords(chart, 1) == [(20.0, 45.0)]
+    assert chart["series"][0]["path"] == "20.0,80.0 190.0,10.0"
+    assert (chart["left"], chart["right"], chart["top"], chart["bottom"]) == (20, 190, 10, 80)
+    assert [(t["x"], t["label"]) for t in chart["x_ticks"]] == [(20.0, "1"), (190.0, "3")]
+    assert [(t["y"], t["label"]) for t in chart["y_ticks"]] == [(80.0, "2"), (10.0, "4")]
+    assert [entry["name"] for entry in chart["legend"]] == ["a", "b"]
+    assert chart["series"][0]["points"][1]["title"] == "a at step 3: 4"
+
+
+def test_line_chart_error_bars_rules_and_a_single_x():
+    chart = line_chart([1], [("win", [0.75])], errors={"win": [(0.5, 1.0)]}, rules=[("0.5", 0.5)],
+                       include=(0.0, 1.0), **BOX)
+    # One x: its span is (0, 2), so the point is centred: 20 + (1 − 0)/2·170 = 105.
+    # y span [0, 1]: py = 10 + (1 − y)·70.
+    assert coords(chart) == [(105.0, 27.5)]
+    assert [(e["x"], e["low"], e["high"]) for e in chart["errors"]] == [(105.0, 45.0, 10.0)]
+    assert [(r["y"], r["label"]) for r in chart["rules"]] == [(45.0, "0.5")]
+    # A flat series: y span (v − 1, v + 1), drawn at mid-height (10 + 70/2).
+    assert coords(line_chart([0, 1], [("flat", [3.0, 3.0])], **BOX)) == [(20.0, 45.0), (190.0, 45.0)]
+
+
+def test_line_chart_without_a_plottable_point_is_none():
+    assert line_chart([1, 2], [("a", [None, float("nan")])]) is None
+    assert line_chart([None, float("inf")], [("a", [1.0, 2.0])]) is None
+    assert line_chart([], [("a", [])]) is None
+
+
+# The DPO train metrics as alignment.training.train_dpo writes them (TRL's log names).
+CURVE = [
+    {"step": 1, "loss": 0.6931, "rewards/margins": 0.0, "rewards/accuracies": 0.0,
+     "logps/chosen": -52.0, "logps/rejected": -55.0},
+    {"step": 2, "loss": 0.61, "rewards/margins": 0.25, "rewards/accuracies": 1.0,
+     "logps/chosen": -50.0, "logps/rejected": -58.0},
+    {"step": 3, "loss": 0.5, "rewards/accuracies": 1.0, "logps/chosen": -49.0, "logps/rejected": -61.0},
+]
+
+
+def test_training_curve_charts_from_metrics():
+    charts = training_curve_charts({"iteration": 1, "train_metrics": {"steps": 3, "curve": CURVE}})
+    assert [c["title"] for c in charts] == ["loss and reward margin", "log-probabilities of the answers"]
+    loss_margin, logps = (c["chart"] for c in charts)
+    assert [s["name"] for s in loss_margin["series"]] == ["loss", "reward margin"]
+    assert len(loss_margin["series"][0]["points"]) == 3 and len(loss_margin["series"][1]["points"]) == 2
+    assert [s["name"] for s in logps["series"]] == ["log p(chosen)", "log p(rejected)"]
+    assert [t["label"] for t in logps["y_ticks"]] == ["-61", "-49"]
+    assert training_curve_charts(None) == [] and training_curve_charts({"train_metrics": None}) == []
+    assert training_curve_charts({"train_metrics": {"curve": []}}) == []
+
+
+def eval_rows(outcomes: list, before: list[int], after: list[int]) -> list[dict]:
+    """Eval table rows with the columns eval_summary reads (alignment.self_rewarding.compute_eval's)."""
+    return [{"prompt_id": f"e{k}", "outcome": o, "length_before": b, "length_after": a, "score_before": None,
+             "score_after": None, "identical": False, "reference": None}
+            for k, (o, b, a) in enumerate(zip(outcomes, before, after))]
+
+
+def eval_info(outcomes, before, after) -> dict:
+    return eval_summary(eval_rows(outcomes, before, after), seed=0, resamples=200)
+
+
+def test_eval_charts_view_model():
+    first = eval_info([1.0, 1.0, 0.0, 0.5], [10, 20, 30, 40], [12, 22, 32, 42])
+    second = eval_info([0.0, 0.0, 1.0, None], [20, 20, 20, 20], [30, 30, 30, 30])
+    charts = eval_charts([(1, first), (2, None), (3, second)])
+    assert [r["t"] for r in charts["rows"]] == [1, 3]  # iteration 2 has no eval: not a point
+    assert charts["rows"][0]["win_rate"] == pytest.approx(0.625) and charts["rows"][1]["win_rate"] == pytest.approx(1 / 3)
+    assert charts["rows"][0]["ci"] == tuple(first["win_rate_ci"])
+    assert (charts["rows"][0]["length_before"], charts["rows"][0]["length_after"]) == (25.0, 27.0)
+    win = charts["win"]
+    assert [s["name"] for s in win["series"]] == ["win rate (95% interval)", "LC win rate"]
+    # y spans at least [0, 1] (py = 10 + (1 − y)·(180 − 10 − 54)) and x spans the iterations 1..3.
+    height = 180 - 10 - 54
+    assert [r["y"] for r in win["rules"]] == [pytest.approx(10 + 0.5 * height)]
+    assert coords(win)[0] == (pytest.approx(46), pytest.approx(10 + (1 - 0.625) * height))
+    assert coords(win)[1][0] == pytest.approx(350)
+    lo, hi = first["win_rate_ci"]
+    assert (win["errors"][0]["low"], win["errors"][0]["high"]) == (
+        pytest.approx(10 + (1 - lo) * height, abs=0.01), pytest.approx(10 + (1 - hi) * height, abs=0.01))
+    length = charts["length"]
+    assert [s["name"] for s in length["series"]] == ["M_t (before)", "M_t+1 (after)"]
+    assert [t["label"] for t in length["y_ticks"]] == ["0", "30"]  # from 0 to the longest mean
+
+
+def test_eval_charts_none_without_eval_results():
+    assert eval_charts([]) is None
+    assert eval_charts([(1, None), (2, {}), (3, {"win_rate": None, "prompts": 0})]) is None
+
+
+def test_judge_identity_from_the_judge_manifest():
+    assert judge_identity(None, 1) is None
+    assert judge_identity({"inputs": {"model": "abc"}, "info": {"judge_model": "M_2"}}, 2) == {
+        "separate": False, "text": "the policy M_2 (self-judging)", "identity": None}
+    assert judge_identity({"inputs": {"judge_model": "f" * 64}, "info": {"judge_model": "org/judge-7b"}}, 1) == {
+        "separate": True, "text": "org/judge-7b", "identity": "f" * 64}
+    assert judge_identity({"inputs": {"judge_model": "f" * 64}, "info": {}}, 1)["text"] == "f" * 64
+
+
+def add_eval_and_metrics(store, t: int = 1) -> dict:
+    """Iteration t's eval stage (rows and summary as the eval stage writes them) and a
+    metrics.json with the DPO curve, as self_rewarding.iteration_metrics writes it."""
+    rows = eval_rows([1.0, 0.0, 1.0], [10, 20, 30], [15, 25, 35])
+    info = eval_summary(rows, seed=0, resamples=200)
+    store.write_rows(t, "eval", rows, inputs={}, recipe_hash="x", info=info)
+    metrics = {"iteration": t, "train_metrics": {"steps": 3, "train_loss": 0.6, "curve": CURVE}, "eval": info}
+    store.write_json(t, "metrics.json", metrics)
+    return metrics
+
+
+def svg_of(page: str, css_class: str) -> str | None:
+    """The <svg> inside the element with ``css_class`` (the overview's chart wrappers)."""
+    m = re.search(rf'class="{css_class}">.*?(<svg.*?</svg>)', page, re.DOTALL)
+    return m.group(1) if m else None
+
+
+def test_overview_shows_training_curve_eval_chart_and_raw_metrics(run):
+    add_eval_and_metrics(run)
+    page = app_client(run.root).get("/").text
+    curve = svg_of(page, "training-curve")
+    assert curve is not None and curve.count("<polyline") == 2 and "reward margin" in curve
+    assert "Training: log-probabilities of the answers" in page
+    win, length = svg_of(page, "eval-win"), svg_of(page, "eval-length")
+    assert win is not None and 'class="rule"' in win and 'class="err k0"' in win and "LC win rate" in win
+    assert length is not None and "M_t+1 (after)" in length
+    assert 'id="eval"' in page and "0.6667 [" in page  # the table: 2 wins of 3
+    raw = re.search(r'<details class="raw-metrics"><summary>metrics.json \(raw\)</summary><pre class="raw">(.*?)</pre>',
+                    page, re.DOTALL)
+    assert raw is not None and "rewards/margins" in raw.group(1) and "&#34;curve&#34;" in raw.group(1)
+    assert " style=" not in page and "<script" not in page  # the CSP allows neither
+
+
+def test_overview_without_eval_or_training_has_no_such_charts(client):
+    page = client.get("/").text
+    assert 'id="eval"' not in page and "eval-win" not in page
+    assert "training-curve" not in page and "raw-metrics" not in page
+
+
+def test_training_curve_without_eval_shows_no_eval_chart(run):
+    run.write_json(1, "metrics.json", {"iteration": 1, "train_metrics": {"curve": CURVE}})
+    page = app_client(run.root).get("/").text
+    assert svg_of(page, "training-curve") is not None and 'id="eval"' not in page
+
+
+def test_judge_identity_on_overview_and_iteration_page(client, run):
+    line = '<p class="judge-line" data-judge="self">judge:'
+    assert line in client.get("/").text and "the policy M_1 (self-judging)" in client.get("/iter/1").text
+    identity = "ab12" * 16
+    rows = judge_rows()
+    run.write_rows(1, "judge", rows, inputs={"judge_model": identity}, recipe_hash="x",
+                   info={"judge_model": "org/judge-7b"})
+    for url in ("/", "/iter/1"):
+        page = app_client(run.root).get(url).text
+        assert '<p class="judge-line" data-judge="separate">judge:' in page, url
+        assert "<strong>org/judge-7b</strong>" in page and f'title="{identity}"' in page, url
+        assert "self-judging" not in page, url
+
+
+@pytest.fixture(scope="module")
+def evaluated_real_run(tmp_path_factory, tiny_model_dir):
+    """One iteration of the test recipe on the tiny model through every Self-Rewarding stage,
+    train and eval included, with a separate judge (``judge.model``: the tiny model's directory):
+    the manifests and metrics.json the overview reads, as the stages write them."""
+    from alignment.algorithms import algorithm_run
+    from alignment.config import load_recipe
+    from tests.conftest import write_recipe
+
+    root = tmp_path_factory.mktemp("review-eval")
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(6)))
+    recipe, data = load_recipe(write_recipe(root / "r.yaml", str(tiny_model_dir), prompts, **{
+        "eval.heldout_fraction": 0.34, "eval.max_tokens": 8, "eval.judge.mode": "logprob",
+        "eval.judge.max_tokens": 4, "judge.model": str(tiny_model_dir)}))
+    store = RunStore.create(root / "run", recipe=data, algorithm=recipe.algorithm)
+    run = algorithm_run(store, recipe, log=lambda _: None)
+    try:
+        run.iteration(1)
+    finally:
+        run.close()
+    return store
+
+
+def test_overview_of_a_real_run_with_eval_and_a_separate_judge(evaluated_real_run, tiny_model_dir):
+    store = evaluated_real_run
+    curve = store.read_json(1, "metrics.json")["train_metrics"]["curve"]
+    assert curve and all("loss" in c and "logps/chosen" in c for c in curve)
+    client = app_client(store.root)
+    page = client.get("/").text
+    loss_chart = svg_of(page, "training-curve")
+    assert loss_chart is not None and loss_chart.count('<circle class="s0"') == len(curve)  # one loss point a step
+    assert svg_of(page, "eval-win") is not None and svg_of(page, "eval-length") is not None
+    assert "<details class=\"raw-metrics\">" in page
+    assert f"<td>{store.manifest(1, 'eval')['info']['judge']}</td>" in page  # the fixed eval judge
+    identity = store.manifest(1, "judge")["inputs"]["judge_model"]
+    for url in ("/", "/iter/1"):
+        text = client.get(url).text
+        assert '<p class="judge-line" data-judge="separate">judge:' in text, url
+        assert f"<strong>{tiny_model_dir}</strong>" in text and f'title="{identity}"' in text, url
