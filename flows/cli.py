@@ -488,6 +488,54 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Score a prompts file with the run's models (alignment.benchmark_eval): parse, print, nothing else."""
+    from alignment import benchmark_eval as be
+    from alignment import console as con
+    from alignment.store import RunStore
+
+    errors = _user_errors() + (be.EvalError,)
+    try:
+        _not_a_pipeline(RunStore.open(args.run_dir), "eval")
+        plan = be.plan_eval(args.run_dir, args.prompts, field=args.field, iterations=args.iterations,
+                            max_tokens=args.max_tokens, max_prompts=args.max_prompts)
+    except errors as err:
+        return _fail(str(err))
+    models = ", ".join(be.model_label(t) for t in plan.iterations)
+    print(f"selfalign: eval of {models} of {plan.store.root} on {len(plan.prompts)} prompts of {plan.prompts_file}",
+          flush=True)
+    logs = plan.store.root / con.LOGS_DIR
+    try:
+        with contextlib.ExitStack() as stack:
+            # The lock before anything is written (the eval's own lock inherits it): a run active on the
+            # directory is refused with one line.
+            stack.callback(plan.store.lock().acquire(inheritable=True).release)
+            if args.verbose:
+                console = con.Console(sys.stderr, tty=False)
+            else:  # engine and library output to RUN/logs/eval.log, the console on the terminal
+                logs.mkdir(exist_ok=True)
+                console = con.Console(stack.enter_context(con.output_to(logs / "eval.log")))
+                console.say(f"selfalign: engine and library logs: {logs / 'eval.log'} (-v shows them here)")
+            stack.enter_context(con.use(console))
+            result = be.run_eval(plan, log=console.line, progress=console.progress)
+    except KeyboardInterrupt:
+        print("\nselfalign: interrupted; the models scored so far are kept, run the same command to go on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except errors as err:
+        return _fail(str(err))
+    if result.reused:
+        print(f"selfalign: {', '.join(result.reused)}: read from {result.directory} "
+              f"(scored before on this prompts file with these settings; not recomputed)")
+    judge = result.summary["judge"]["model"]
+    who = {"base": "base model (no adapter)", "initial": "initial model M_1", "judge": "recipe's separate judge"}[judge]
+    print(f"selfalign: scores by the {who} "
+          f"with the project's 5-point judge; results in {result.directory}")
+    for line in be.table_lines(result.summary["models"]):
+        print(f"  {line}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve the flows as Prefect deployments, so runs can be triggered from the UI."""
     _quiet_prefect_defaults()
@@ -588,6 +636,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "merge_and_unload): loads in transformers / vLLM as-is")
     where.add_argument("--adapter", metavar="OUT", help="a new directory for the adapter as trained (PEFT)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="score a prompts file with the run's models (M_1 and each trained iteration's), "
+                       "by a fixed judge with the 5-point judge prompt; results in RUN/evals/")
+    p.add_argument("run_dir")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="JSONL / JSON / CSV / parquet file of prompts")
+    p.add_argument("--field", default="prompt", help="the key (column) holding the prompt (default: prompt)")
+    p.add_argument("--iterations", default="all", metavar="LIST",
+                   help="which models: 'all' (default), or e.g. 0,1,3 (0 = the initial model M_1, t = the model "
+                        "iteration t trained, M_{t+1})")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="answer length limit (default: the recipe's eval.max_tokens)")
+    p.add_argument("--max-prompts", type=int, default=None, metavar="N", help="score only the first N prompts")
+    p.add_argument("-v", "--verbose", action="store_true", help="show engine and library logs on the terminal "
+                   "(by default they go to RUN/logs/eval.log)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve-model", help="start vLLM's OpenAI-compatible server on a model (runtime LoRA loading "
                        "on) and print the base URL for engine.backend openai",
