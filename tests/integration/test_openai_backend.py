@@ -109,3 +109,27 @@ def test_self_rewarding_over_two_servers_with_a_runtime_loaded_adapter(two_serve
     # Both servers answered requests (vLLM logs each one).
     assert all(Path(log).read_text(errors="replace").count("POST /v1/chat/completions") > 0 for log in logs)
     print(f"openai backend, 2 servers: 2 iterations (iteration 2 to pairs) in {seconds:.0f} s")
+
+
+def test_a_judge_on_a_server_beside_the_policy_in_process(two_servers, tmp_path):
+    """The policy generates in the run's own vLLM engine; a separate judge (``judge.model`` +
+    ``judge.engine``) judges on a server. Stopped once iteration 1's judgments are committed."""
+    urls, logs = two_servers
+    requests = ("POST /v1/chat/completions", "POST /v1/completions")  # the judge's reasoning, its next-token reads
+    before = [Path(logs[1]).read_text(errors="replace").count(r) for r in requests]
+    run_dir = tmp_path / "run"
+    proc = selfalign("run", str(SR_RECIPE), "--run-dir", str(run_dir), *SR_SHRINK, "--set", "generation.n=2",
+                     "--set", "judge.n=1", "--set", "engine.backend=vllm", "--set", "judge.model=smollm2-135m",
+                     "--set", f"judge.engine={{backend: openai, base_url: {urls[1]}}}",
+                     env_extra={"SELFALIGN_CRASH_AT": "iter1/judge/after_commit", "SELFALIGN_CRASH_SIGNAL": "SIGTERM"})
+    assert proc.returncode == 143, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = RunStore.open(run_dir)
+    judge = store.manifest(1, "judge")
+    assert judge["info"]["judgments"] == 8 and judge["info"]["scored_share"] == 1.0, judge["info"]
+    assert "judge_model" in judge["inputs"] and "model" not in judge["inputs"], judge["inputs"]  # not M_1: the judge
+    events = [json.loads(line) for line in (store.root / "events.jsonl").read_text().splitlines()]
+    # the policy's engine in the run's process, the judge's over HTTP
+    assert sorted(e.get("backend") for e in events if e.get("event") == "engine_started") == ["openai", "vllm"], events
+    # The judge's requests went to its server: reasoning (chat) and next-token reads (completions, batched).
+    after = [Path(logs[1]).read_text(errors="replace").count(r) for r in requests]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
