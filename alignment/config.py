@@ -304,13 +304,21 @@ class RecipeBase(StrictModel):
     iterations: int = Field(3, ge=1)
     engine: EngineConfig = EngineConfig()
     review: ReviewConfig = ReviewConfig()
+    # Where metrics go changes no result: left out of every stage hash (see alignment.trackers).
+    report: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers for training, judge and eval metrics (TRL's "
+        "report_to for the trainers, one tracker run per iteration grouped under the run's name); offline by "
+        "default, under RUN/logs/ (tensorboard/, wandb/, mlruns/); [] = none", json_schema_extra=NO_EFFECT)
 
 
     def preflight(self) -> None:
         """Load what the run will read (datasets, reward functions) so user mistakes fail
         before the run directory is created. Subclasses extend this."""
         from alignment.models import resolve
+        from alignment.trackers import missing_tracker_packages
 
+        for problem in missing_tracker_packages(self.report):
+            raise RecipeError(problem)
         resolve(self.model)
         judge = getattr(self, "judge", None)
         if getattr(judge, "model", None):

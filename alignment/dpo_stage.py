@@ -8,10 +8,12 @@ M_t and every M_t is a delta on the same base, served by one engine (see ``align
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from alignment.launch import run_dpo
 from alignment.stages import Directory
+from alignment.trackers import trainer_report
 from alignment.training import DPOSpec, trained_rows_info, truncation_warnings
 
 
@@ -40,6 +42,8 @@ def dpo_output(run, t: int, ctx, rows: list[dict], *, beta: float, loss_type: st
             max_length=tc.max_length, save_steps=tc.save_steps, seed=run.recipe.seed, lora=tc.lora.model_dump(),
             crash_prefix=ctx.crash_prefix, num_processes=tc.num_processes,
             gradient_checkpointing=tc.gradient_checkpointing, load_in_4bit=tc.load_in_4bit,
+            # the per-step curve goes to the recipe's trackers (RUN/logs/tensorboard/<name>/iter_<t>/train)
+            **trainer_report(run.recipe.report, run.store.root, run.recipe.name, t, os.environ),
         )
         metrics = run_dpo(spec, launcher=tc.launcher, spec_path=ckpt / "spec.json",
                           accelerate_config=tc.accelerate_config, log=run.log)

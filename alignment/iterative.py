@@ -21,6 +21,7 @@ from alignment.generation import EngineSpec, Generator, choose_backend, has_cuda
 from alignment.models import ResolvedModel, adapter_rank, merge_adapter, resolve, with_adapter
 from alignment.stages import Algorithm, Log, Progress, execute
 from alignment.store import RunStore
+from alignment.trackers import report_iteration
 
 
 def adapter_digest(adapter: str | Path) -> str:
@@ -208,5 +209,15 @@ class Run:
         return self.metrics(t)
 
     def metrics(self, t: int) -> dict:
-        """The iteration's metrics, written to ``iter_<t>/metrics.json``."""
-        return self.algorithm.metrics(self, t)
+        """The iteration's metrics, written to ``iter_<t>/metrics.json`` and, once every stage of the
+        iteration is done, to the recipe's trackers (``report``; each gets them once, never failing
+        the run: alignment.trackers)."""
+        out = self.algorithm.metrics(self, t)
+        if self.recipe.report and self.iteration_done(t):
+            report_iteration(self.recipe.report, self.store.root, self.recipe.name, t, out, log=self.log)
+        return out
+
+    def iteration_done(self, t: int) -> bool:
+        """Whether every stage this recipe runs in iteration t has its manifest (the review gate asks
+        for the metrics before training: those are not the iteration's)."""
+        return all(self.store.manifest(t, s.name) is not None for s in self.algorithm.active(self.recipe))

@@ -26,10 +26,12 @@ STEP_ALGORITHMS = ("spin", "self-rewarding", "meta-rewarding")
 
 def step_data(pipeline: "PipelineRecipe", k: int, model: str) -> dict:
     """Step k's recipe (1-based) as a dict: its body plus the pipeline's engine and seed, ``model``
-    (step 1: the pipeline's model; later: the model the step before ended with) and a name."""
+    (step 1: the pipeline's model; later: the model the step before ended with), the pipeline's
+    trackers unless the step names its own, and a name."""
     body = dict(pipeline.steps[k - 1])
     return body | {"model": model, "engine": pipeline.engine.model_dump(mode="json"),
-                   "seed": body.get("seed", pipeline.seed), "name": f"{pipeline.name}-{k}-{body['algorithm']}"}
+                   "seed": body.get("seed", pipeline.seed), "report": body.get("report", list(pipeline.report)),
+                   "name": f"{pipeline.name}-{k}-{body['algorithm']}"}
 
 
 def step_label(k: int, step: Any) -> str:

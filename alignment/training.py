@@ -45,6 +45,11 @@ class DPOSpec:
     num_processes: int = 1  # world size of the job (accelerate launch); batch_size is over all of them
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False  # QLoRA (CUDA + bitsandbytes)
+    # Trackers (recipe ``report``, see alignment.trackers.trainer_report); none changes the result.
+    report_to: list[str] = field(default_factory=list)  # TRL's report_to: tensorboard, wandb, mlflow
+    logging_dir: str | None = None  # the job's TensorBoard directory
+    run_name: str | None = None  # the job's run in wandb / MLflow
+    report_env: dict = field(default_factory=dict)  # the trackers' environment (WANDB_MODE, MLFLOW_TRACKING_URI ...)
 
 
 def to_conversational(rows: list[dict]) -> list[dict]:
@@ -153,12 +158,12 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 def resume_key(spec: DPOSpec) -> str:
     """What a checkpoint must have been trained on to be resumed from: data and initial adapter
     *content* and every hyperparameter (not paths, which change between attempts, nor
-    save_steps/crash_prefix, which do not change the result)."""
+    save_steps/crash_prefix or the trackers, which do not change the result)."""
     import hashlib
 
     d = asdict(spec)
     for k in ("data", "output_dir", "checkpoint_dir", "save_steps", "crash_prefix", "init_adapter",
-              "gradient_checkpointing"):
+              "gradient_checkpointing", "report_to", "logging_dir", "run_name", "report_env"):
         d.pop(k)
     if d["num_processes"] == 1 and not d["load_in_4bit"]:  # a job of an older version resumes as before
         del d["num_processes"], d["load_in_4bit"]
@@ -275,7 +280,35 @@ def save_adapter(trainer, output_dir: str) -> None:
 
 
 def train_dpo(spec: DPOSpec) -> dict:
-    """Train one DPO step with LoRA; save the adapter to ``spec.output_dir``; return metrics."""
+    """Train one DPO step with LoRA; save the adapter to ``spec.output_dir``; return metrics. The
+    trackers' environment (``spec.report_env``, TensorBoard's ``TENSORBOARD_LOGGING_DIR``) holds for
+    the job only."""
+    from alignment.trackers import environment
+
+    env = dict(spec.report_env) | ({"TENSORBOARD_LOGGING_DIR": spec.logging_dir} if spec.logging_dir else {})
+    with environment(env):
+        try:
+            return dpo_job(spec)
+        finally:
+            if "wandb" in spec.report_to and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+                sys.modules["wandb"].run.finish()  # transformers leaves its run open
+
+
+def use_tensorboard_writer(trainer, spec: DPOSpec, resume: str | None) -> None:
+    """Give the trainer's TensorBoard callback a writer on ``spec.logging_dir`` that logs no step twice
+    (``alignment.trackers.tensorboard_writer``: a redone job replaces the old curve, a resumed one
+    drops what the killed attempt logged after its checkpoint). Rank 0 only."""
+    from transformers.integrations import TensorBoardCallback
+
+    from alignment.trackers import tensorboard_writer
+
+    step = int(Path(resume).name.split("-")[-1]) if resume else None
+    trainer.remove_callback(TensorBoardCallback)
+    trainer.add_callback(TensorBoardCallback(tb_writer=tensorboard_writer(spec.logging_dir, step)))
+
+
+def dpo_job(spec: DPOSpec) -> dict:
+    """``train_dpo`` in the trackers' environment."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
@@ -332,7 +365,8 @@ def train_dpo(spec: DPOSpec) -> dict:
         save_steps=spec.save_steps,
         save_total_limit=2,
         seed=spec.seed,
-        report_to=[],
+        report_to=list(spec.report_to),
+        run_name=spec.run_name,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
@@ -370,6 +404,8 @@ def train_dpo(spec: DPOSpec) -> dict:
     if resume:
         say(f"[train] resuming from {resume}", flush=True)
         _restore_trained_adapter(trainer.model, resume)
+    if main and spec.logging_dir and "tensorboard" in spec.report_to:
+        use_tensorboard_writer(trainer, spec, resume)
     result = trainer.train(resume_from_checkpoint=resume)
     crash_point(f"{spec.crash_prefix}/before_save")
     save_adapter(trainer, spec.output_dir)

@@ -127,3 +127,18 @@ def test_a_bad_step_list_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err and "bad.yaml" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_pipelines_trackers_reach_every_step_unless_a_step_names_its_own(tmp_path, tiny_model_dir):
+    from alignment.config import load_recipe
+    from alignment.pipeline_config import step_data
+
+    sft, prompts = tmp_path / "sft.jsonl", tmp_path / "prompts.jsonl"
+    sft.write_text('{"prompt": "Name a thing.", "answer": "A thing."}\n')
+    prompts.write_text('{"prompt": "Tell me about a topic."}\n')
+    path = pipeline_recipe(tmp_path / "p.yaml", tiny_model_dir, sft, prompts, report=["tensorboard"])
+    data = yaml.safe_load(open(path))
+    data["steps"][1]["report"] = []
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    pipeline, _ = load_recipe(path)
+    assert [step_data(pipeline, k, pipeline.model)["report"] for k in (1, 2)] == [["tensorboard"], []]
