@@ -98,6 +98,24 @@ def write_recipe(path: Path, model: str, prompts: Path, **overrides) -> Path:
     return path
 
 
+def run_one_iteration(recipe_path: Path, run_dir: Path, *, preflight: bool = False) -> RunStore:
+    """Iteration 1 of a recipe, in this process (no Prefect), into a new run directory."""
+    from alignment.algorithms import algorithm_run
+    from alignment.config import load_recipe
+    from alignment.store import RunStore
+
+    recipe, data = load_recipe(recipe_path)
+    if preflight:
+        recipe.preflight()
+    store = RunStore.create(run_dir, recipe=data, algorithm=recipe.algorithm)
+    run = algorithm_run(store, recipe, log=lambda _: None)
+    try:
+        run.iteration(1)
+    finally:
+        run.close()
+    return store
+
+
 @pytest.fixture(scope="session")
 def judged_tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     """Iteration 1 of the test recipe on the tiny model through the Self-Rewarding stages up to

@@ -1043,23 +1043,14 @@ def evaluated_real_run(tmp_path_factory, tiny_model_dir):
     """One iteration of the test recipe on the tiny model through every Self-Rewarding stage,
     train and eval included, with a separate judge (``judge.model``: the tiny model's directory):
     the manifests and metrics.json the overview reads, as the stages write them."""
-    from alignment.algorithms import algorithm_run
-    from alignment.config import load_recipe
-    from tests.conftest import write_recipe
+    from tests.conftest import run_one_iteration, write_recipe
 
     root = tmp_path_factory.mktemp("review-eval")
     prompts = root / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(6)))
-    recipe, data = load_recipe(write_recipe(root / "r.yaml", str(tiny_model_dir), prompts, **{
+    return run_one_iteration(write_recipe(root / "r.yaml", str(tiny_model_dir), prompts, **{
         "eval.heldout_fraction": 0.34, "eval.max_tokens": 8, "eval.judge.mode": "logprob",
-        "eval.judge.max_tokens": 4, "judge.model": str(tiny_model_dir)}))
-    store = RunStore.create(root / "run", recipe=data, algorithm=recipe.algorithm)
-    run = algorithm_run(store, recipe, log=lambda _: None)
-    try:
-        run.iteration(1)
-    finally:
-        run.close()
-    return store
+        "eval.judge.max_tokens": 4, "judge.model": str(tiny_model_dir)}), root / "run")
 
 
 def test_overview_of_a_real_run_with_eval_and_a_separate_judge(evaluated_real_run, tiny_model_dir):

@@ -13,7 +13,7 @@ import pytest
 from alignment.config import RecipeError, load_recipe
 from alignment.trackers import (WRITERS, flatten_metrics, missing_tracker_packages, report_iteration, rows_by_step,
                                 tensorboard_dir, tensorboard_writer, tracker_settings, trainer_report)
-from tests.conftest import write_recipe
+from tests.conftest import run_one_iteration, write_recipe
 
 
 def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
@@ -120,22 +120,11 @@ def test_preflight_refuses_a_tracker_that_is_not_installed(tmp_path, prompts_fil
 @pytest.fixture(scope="module")
 def reported_run(tmp_path_factory, tiny_model_dir):
     """Iteration 1 of the test recipe with ``report: [tensorboard]``: (store, recipe path)."""
-    from alignment.algorithms import algorithm_run
-    from alignment.store import RunStore
-
     tmp = tmp_path_factory.mktemp("trackers")
     prompts = tmp / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "Tell me about topic {i}."}}\n' for i in range(4)))
     recipe_path = write_recipe(tmp / "r.yaml", str(tiny_model_dir), prompts, report="[tensorboard]")
-    recipe, data = load_recipe(recipe_path)
-    recipe.preflight()
-    store = RunStore.create(tmp / "run", recipe=data, algorithm=recipe.algorithm)
-    run = algorithm_run(store, recipe, log=lambda _: None)
-    try:
-        run.iteration(1)
-    finally:
-        run.close()
-    return store, recipe_path
+    return run_one_iteration(recipe_path, tmp / "run", preflight=True), recipe_path
 
 
 def test_training_and_iteration_metrics_land_in_tensorboard(reported_run):
