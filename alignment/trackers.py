@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from alignment.console import LOGS_DIR
+from alignment.files import atomic_write_json
 
 # tracker -> the package it needs (import name = pip name)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -224,9 +225,7 @@ def read_marker(path: Path) -> dict:
 
 def write_marker(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def report_iteration(report: Sequence[str], root: Path, name: str, t: int, metrics: Mapping, *,
