@@ -159,5 +159,22 @@ def summarize(outcomes: Sequence[float | None], candidate_lengths: Sequence[int]
     }
 
 
+def score_gains(before: Sequence[float | None], after: Sequence[float | None]) -> list[float]:
+    """The paired pointwise gains g_i = score_after_i − score_before_i over the prompts where the
+    fixed judge scored both answers (the same prompt, the same judge: the prompt's difficulty
+    cancels, so the mean gain is measured more tightly than the two means apart)."""
+    return [a - b for b, a in zip(before, after) if a is not None and b is not None]
+
+
+def score_gain_summary(before: Sequence[float | None], after: Sequence[float | None], *, seed: int = 0,
+                       resamples: int = 2000) -> dict:
+    """``score_gain`` = (1/n) Σ g_i of :func:`score_gains` and ``score_gain_ci``, its seeded
+    percentile-bootstrap 95% interval (evaluation.bootstrap_ci; None under two paired scores): an
+    interval above 0 says M_{t+1}'s answers score higher than M_t's by the same fixed judge."""
+    gains = score_gains(before, after)
+    return {"score_gain": mean_or_none(gains), "score_gain_ci": bootstrap_ci(gains, resamples=resamples, seed=seed)}
+
+
 __all__ = ["ORDERS", "PairwiseSettings", "compare", "letter_probs", "mean_or_none", "outcome_label", "pair_outcome",
-           "pairwise_prompt", "same_answer", "shown", "summarize", "verdict_from_probs"]
+           "pairwise_prompt", "same_answer", "score_gain_summary", "score_gains", "shown", "summarize",
+           "verdict_from_probs"]

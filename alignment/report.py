@@ -57,11 +57,15 @@ def _interval(ci) -> str:
 
 def eval_line(info: dict) -> str:
     """One line of an eval stage's summary (M_{t+1} vs M_t):
-    ``win rate 0.62 [0.40, 0.80], LC 0.58, length 35.2 → 41.0 (5 wins, 2 ties, 1 losses, 0 failed)``."""
+    ``win rate 0.62 [0.40, 0.80], LC 0.58, length 35.2 → 41.0 (5 wins, 2 ties, 1 losses, 0 failed);
+    score 2.16 → 2.32 (gain +0.16 [0.03, 0.31])`` (the score part when the pointwise judge ran)."""
     text = (f"win rate {_fmt(info.get('win_rate'))} {_interval(info.get('win_rate_ci'))}, "
             f"LC {_fmt(info.get('lc_win_rate'))}, length {_fmt(info.get('mean_length_before'), 1)} → "
             f"{_fmt(info.get('mean_length_after'), 1)} ({info.get('wins')} wins, {info.get('ties')} ties, "
             f"{info.get('losses')} losses, {info.get('failed')} failed)")
+    if info.get("score_gain") is not None:
+        text += (f"; score {_fmt(info.get('mean_score_before'))} → {_fmt(info.get('mean_score_after'))} "
+                 f"(gain {info['score_gain']:+.2f} {_interval(info.get('score_gain_ci'))})")
     ref = info.get("reference")
     if ref:
         text += f"; vs reference {_fmt(ref.get('win_rate'))} {_interval(ref.get('win_rate_ci'))}"
@@ -92,6 +96,9 @@ def eval_markdown(t: int, ev: dict) -> list[str]:
               f"| {_fmt(ev.get('mean_length_after'), 1)} |" + (f" {_fmt(ref.get('mean_length_reference'), 1)} |" if ref else ""),
               f"| mean pointwise score (fixed judge) | {_fmt(ev.get('mean_score_before'))} "
               f"| {_fmt(ev.get('mean_score_after'))} |" + (" – |" if ref else "")]
+    if ev.get("score_gain") is not None:
+        lines += ["", f"Paired pointwise gain of M_{t + 1} (same prompt, same fixed judge): "
+                      f"{ev['score_gain']:+.3f}, 95% interval {_interval(ev.get('score_gain_ci'))}."]
     if ev.get("identical"):
         lines += ["", f"{ev['identical']} prompts got the same answer from both models (ties, not judged)."]
     return lines

@@ -24,7 +24,8 @@ from alignment.dpo_stage import dpo_output
 from alignment.eval_config import load_reference
 from alignment.files import hash_obj, sha256_file
 from alignment.generation import Sampling, derive_seed
-from alignment.head_to_head import PairwiseSettings, compare, mean_or_none, outcome_label, summarize
+from alignment.head_to_head import (PairwiseSettings, compare, mean_or_none, outcome_label, score_gain_summary,
+                                    summarize)
 from alignment.judge import JudgeSettings, judge_responses
 from alignment.pairs import build_pairs, tie_rate
 from alignment.report import eval_line
@@ -358,7 +359,8 @@ def _group(rows: list[dict]) -> dict[str, list[dict]]:
 
 def eval_summary(rows: list[dict], *, seed: int = 0, resamples: int = 2000) -> dict:
     """The eval table's summary: :func:`alignment.head_to_head.summarize` of M_{t+1} (after)
-    against M_t (before), the mean pointwise score of each side (None where unscored), the
+    against M_t (before), the mean pointwise score of each side (None where unscored) and the
+    paired gain with its interval (:func:`alignment.head_to_head.score_gain_summary`), the
     identical pairs (ties without a judgment), and the same head-to-head against the reference
     answers over the prompts that have one (``reference``: None without)."""
     h = summarize([r["outcome"] for r in rows], [r["length_after"] for r in rows], [r["length_before"] for r in rows],
@@ -367,7 +369,8 @@ def eval_summary(rows: list[dict], *, seed: int = 0, resamples: int = 2000) -> d
         "mean_length_before": h["mean_length_baseline"], "mean_length_after": h["mean_length_candidate"],
         "mean_score_before": mean_or_none([r["score_before"] for r in rows]),
         "mean_score_after": mean_or_none([r["score_after"] for r in rows]),
-        "identical": sum(1 for r in rows if r["identical"]), "reference": None}
+        "identical": sum(1 for r in rows if r["identical"]), "reference": None} | score_gain_summary(
+        [r["score_before"] for r in rows], [r["score_after"] for r in rows], seed=seed, resamples=resamples)
     with_ref = [r for r in rows if r["reference"] is not None]
     if with_ref:
         ref = summarize([r["reference_outcome"] for r in with_ref], [r["length_after"] for r in with_ref],

@@ -46,6 +46,8 @@ def test_eval_table_metrics_and_cli_line(evaluated_run):
     assert ev["win_rate"] is not None and len(ev["win_rate_ci"]) == 2 and ev["lc_win_rate"] is not None
     assert ev["mean_length_before"] > 0 and ev["mean_length_after"] > 0
     assert ev["mean_score_before"] is not None and ev["mean_score_after"] is not None  # pointwise, logprob judge
+    assert ev["score_gain"] == pytest.approx(ev["mean_score_after"] - ev["mean_score_before"])  # every prompt scored
+    assert "; score " in result["eval"] and "(gain " in result["eval"]
     assert ev["reference"]["prompts"] == 2 and ev["reference"]["mean_length_reference"] > 0
     assert ev["model_before"] != ev["model_after"]
     assert result["eval"].startswith("iteration 1: win rate ") and " → " in result["eval"]

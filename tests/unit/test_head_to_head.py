@@ -141,3 +141,17 @@ def test_compare_logprob_mode_reads_the_letter_probabilities():
     # p(A) + p(B) = 0.4 for a "B" reading: below a 0.5 floor that verdict fails, and with it the pair.
     strict = compare(judge, ITEMS[:2], PairwiseSettings(mode="logprob", min_verdict_mass=0.5))
     assert [r["outcome"] for r in strict] == [None, None]
+
+
+def test_score_gains_are_paired_and_skip_unscored_prompts():
+    from alignment.head_to_head import score_gain_summary, score_gains
+
+    before, after = [2.0, 3.0, None, 4.0, 1.0], [2.5, 3.0, 5.0, None, 2.0]
+    assert score_gains(before, after) == [0.5, 0.0, 1.0]  # prompts 3 and 4 lack a side
+    s = score_gain_summary(before, after, seed=0, resamples=500)
+    assert s["score_gain"] == pytest.approx(0.5)
+    assert s == score_gain_summary(before, after, seed=0, resamples=500)  # seeded
+    low, high = s["score_gain_ci"]
+    assert 0.0 <= low <= 0.5 <= high <= 1.0  # resampled means of {0.5, 0, 1} stay within [0, 1]
+    assert score_gain_summary([1.0], [2.0]) == {"score_gain": 1.0, "score_gain_ci": None}
+    assert score_gain_summary([None], [2.0]) == {"score_gain": None, "score_gain_ci": None}
