@@ -38,6 +38,8 @@ def serve(port: int, log: Path, core: int | None = None) -> subprocess.Popen:
     out = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "smollm2-135m", "--port", str(port),
                              "--cpu-threads", "1"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            # not the thread binding an in-process engine of this script put in its environment
+                            env={k: v for k, v in os.environ.items() if not k.startswith("VLLM_CPU_")},
                             preexec_fn=None if core is None else (lambda: os.sched_setaffinity(0, {core})))
     while "serving smollm2-135m at" not in log.read_text(errors="replace"):
         if proc.poll() is not None:
