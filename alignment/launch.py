@@ -67,10 +67,11 @@ def accelerate_prefix(num_processes: int, config: str | None) -> list[str]:
 
 
 def accelerate_config_kind(path: Path) -> str:
-    """``distributed_type`` of an accelerate config file (DEEPSPEED, FSDP, MULTI_GPU, ...)."""
+    """``distributed_type`` of an accelerate config file, YAML or JSON (JSON is YAML): DEEPSPEED,
+    FSDP, MULTI_GPU, ..."""
     import yaml
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix != ".json" else json.loads(path.read_text())
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     return str((data or {}).get("distributed_type", "NO")).upper() if isinstance(data, dict) else "NO"
 
 
