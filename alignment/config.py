@@ -176,8 +176,9 @@ class TrainConfig(StrictModel):
 def training_launch_problems(train) -> list[str]:
     """What is wrong with a train section's launch fields, as "field ...: why" lines: several
     processes or an accelerate config without ``launcher: accelerate``, a batch that does not split
-    evenly over the processes (batch_size = num_processes x per-device batch), an unknown shipped
-    config name or a missing config file."""
+    evenly over the processes (batch_size = num_processes x per-device batch), a config that is
+    neither a shipped name nor a .yaml/.json file (whether the file reads is preflight's:
+    ``launch.training_setup_problems``)."""
     problems = []
     if train.launcher != "accelerate":
         for name, value, default in (("num_processes", train.num_processes, 1),
