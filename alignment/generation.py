@@ -158,11 +158,17 @@ def request_seeds(seed: int | Sequence[int], n: int) -> list[int]:
 #   still matched in the kill-and-resume test, probabilities may differ in their last bits.
 # - The engine core (scheduler) in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): a separate
 #   core process starts stepping while requests still arrive, so what is batched together
-#   depends on timing. The model still runs in a worker process ("mp" executor), where vLLM
-#   sets up the OpenMP threads; in-process ("uni") it cannot, and binds this process's threads.
+#   depends on timing.
 # GPU kernels are not batch-invariant; there the seeds make runs repeatable up to numerics.
-CPU_SEEDABLE = {"enable_chunked_prefill": False,
-                "distributed_executor_backend": "mp"}
+CPU_SEEDABLE = {"enable_chunked_prefill": False}
+# The in-process engine's model runs in this process too ("uni" executor; vLLM binds this
+# process's OpenMP threads to the engine's cores). A worker process ("mp") cost ~12 s more per
+# engine start (a fresh interpreter importing torch and vLLM: 31.5 s vs 19.1 s to start the
+# embedded model, same texts), and vLLM cut this process's torch threads to 1 for its engine
+# loop, so a DPO job trained in this process after it ran on one core. ``vllm serve`` keeps its
+# worker process (``--distributed-executor-backend mp``: vLLM requires it with a core process).
+CPU_IN_PROCESS_EXECUTOR = "uni"
+CPU_SERVER_EXECUTOR = "mp"
 CPU_BATCHED_TOKENS = 4096
 
 # vLLM returns at most this many logprobs per position unless the engine raises max_logprobs.
@@ -272,7 +278,8 @@ class VLLMGenerator:
         if on_gpu:
             kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
         else:
-            kwargs.update(CPU_SEEDABLE, max_num_batched_tokens=max(spec.max_model_len, CPU_BATCHED_TOKENS))
+            kwargs.update(CPU_SEEDABLE, distributed_executor_backend=CPU_IN_PROCESS_EXECUTOR,
+                          max_num_batched_tokens=max(spec.max_model_len, CPU_BATCHED_TOKENS))
         if spec.enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=1)
         kwargs.update(spec.extra)

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from alignment.generation import (CPU_BATCHED_TOKENS, CPU_SEEDABLE, MAX_LOGPROBS, USER_CPU_ENV, Completion,
-                                  Conversation, EngineSpec, GenerationError, Sampling, candidate_probs,
+from alignment.generation import (CPU_BATCHED_TOKENS, CPU_SEEDABLE, CPU_SERVER_EXECUTOR, MAX_LOGPROBS, USER_CPU_ENV,
+                                  Completion, Conversation, EngineSpec, GenerationError, Sampling, candidate_probs,
                                   cpu_engine_env, request_seeds)
 from alignment.files import sha256_file
 
@@ -389,7 +389,8 @@ def vllm_serve_command(model: str, served_name: str, *, host: str, port: int, ma
            "--max-model-len", str(max_model_len)]
     if not on_gpu:
         cmd += ["--dtype", "float32", "--enforce-eager"]
-        cmd += cli_flags(CPU_SEEDABLE | {"max_num_batched_tokens": max(max_model_len, CPU_BATCHED_TOKENS)})
+        cmd += cli_flags(CPU_SEEDABLE | {"distributed_executor_backend": CPU_SERVER_EXECUTOR,
+                                         "max_num_batched_tokens": max(max_model_len, CPU_BATCHED_TOKENS)})
     return cmd + list(extra)
 
 

@@ -134,7 +134,7 @@ def test_backoff_doubles_up_to_a_cap_and_urls_normalise():
 def test_serve_command_has_lora_and_the_cpu_seedable_settings():
     cmd = vllm_serve_command("/m", "name", host="127.0.0.1", port=9, max_lora_rank=16, max_model_len=2048,
                              on_gpu=False, extra=["--api-key", "k"])
-    assert CPU_SEEDABLE == {"enable_chunked_prefill": False, "distributed_executor_backend": "mp"}
+    assert CPU_SEEDABLE == {"enable_chunked_prefill": False}
     for flag in ("--enable-lora", "--no-enable-chunked-prefill", "--enforce-eager", "--served-model-name"):
         assert flag in cmd
     assert cmd[cmd.index("--distributed-executor-backend") + 1] == "mp"
