@@ -13,7 +13,7 @@ import gc
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 Conversation = list[dict[str, str]]
 
@@ -442,7 +442,10 @@ class HFGenerator:
 
     backend = "transformers"
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, model_for: Callable[[str | None], Any] | None = None):
+        """``model_for(adapter)``: a caller's own model for each request, with that adapter's
+        weights active (PPO's trainer lends its live policy, so rollouts hold no second copy of
+        the base); without it the engine loads ``spec.base`` and applies adapters from disk."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -452,12 +455,17 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        self.base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype).to(self.device).eval()
+        self._model_for = model_for
+        self.base = None
+        if model_for is None:
+            dtype = torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
+            self.base = AutoModelForCausalLM.from_pretrained(spec.base, dtype=dtype).to(self.device).eval()
         self._peft = None  # PeftModel wrapping self.base once an adapter is used
         self._loaded: set[str] = set()
 
     def _model(self, adapter: str | None):
+        if self._model_for is not None:
+            return self._model_for(adapter)
         if adapter is None:
             if self._peft is None:
                 return self.base
@@ -549,5 +557,5 @@ class HFGenerator:
         return result
 
     def close(self) -> None:
-        self.base = self._peft = None
+        self.base = self._peft = self._model_for = None
         gc.collect()

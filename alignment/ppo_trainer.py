@@ -12,8 +12,10 @@ One base, four roles (PEFT multi-adapter on one ``AutoModelForCausalLM``):
               at the last real token of query + response (what ``rm_scores`` reads at the EOS).
 
 So the trainer holds one copy of the base weights where TRL 1.12's ``PPOTrainer`` held three
-(policy, value model, merged reward model). The rollout engine holds its own copy (transformers:
-a second model in this process; vLLM: its weights and KV cache), so a PPO job holds two bases.
+(policy, value model, merged reward model). On the transformers backend the rollouts are sampled
+from that same model with the policy adapter active (``SharedBaseModels.rollout_model``): the job
+holds one base. vLLM holds its own copy (its weights and KV cache): two bases, sampled much
+faster; an OpenAI-compatible server holds its copy elsewhere.
 
 A step (``steps`` of them, numbered from 1):
 
@@ -51,7 +53,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from alignment.faults import crash_point
-from alignment.generation import EngineSpec, Sampling, derive_seed, open_generator
+from alignment.generation import EngineSpec, HFGenerator, Sampling, choose_backend, derive_seed, open_generator
 from alignment.ppo import (PPOUpdateConfig, Rollouts, missing_eos_penalty, model_inputs, ppo_update,
                            response_logits, response_mask, scale_logits, token_logprobs)
 
@@ -205,6 +207,12 @@ class SharedBaseModels:
         self._use(POLICY)
         return self.peft(**model_inputs(query_responses.to(self.device), self.pad_token_id)).logits
 
+    def rollout_model(self, adapter: str | None = None):
+        """The model the transformers engine samples rollouts from: this base with the live policy
+        adapter active (``adapter``, the step's saved copy of the same weights, is not read)."""
+        self._use(POLICY)
+        return self.peft
+
     def reference_logits(self, query_responses: torch.Tensor) -> torch.Tensor:
         """Logits of the initial policy: the base, every adapter disabled."""
         with self.peft.disable_adapter():
@@ -350,12 +358,16 @@ def run_ppo(spec: "PPOSpec", *, tokenizer, prompts: Sequence[str], prompt_ids: S
     share = models.trainable_share()
     engine = EngineSpec(**({"backend": "transformers"} | dict(spec.engine or {})
                            | {"base": spec.base, "seed": spec.seed, "enable_lora": True}))
-    generator = open_generator(engine) if done < spec.steps else None
-    backend = generator.backend if generator else engine.backend
+    backend = choose_backend(engine.backend)
+    generator = None
+    if done < spec.steps:
+        generator = (HFGenerator(engine, model_for=models.rollout_model) if backend == "transformers"
+                     else open_generator(engine))
     log(f"[train] PPO: policy {share['policy']['trainable']:,} of {share['policy']['total']:,} trainable "
         f"({100 * share['policy']['share']:.3f}%), value {100 * share['value']['share']:.3f}%; rewards from "
         f"{'reward model ' + spec.reward_adapter if spec.reward_adapter else 'reward function ' + str(spec.reward_function)}; "
-        f"rollouts by the {backend} engine; one base model in the trainer")
+        f"rollouts by the {backend} engine; "
+        + ("one base model, shared by the rollouts" if backend == "transformers" else "one base model in the trainer"))
     sampling = Sampling(n=1, temperature=spec.temperature, top_p=1.0, max_tokens=spec.response_length)
     scratch = Path(tempfile.mkdtemp(prefix="selfalign-ppo-rollout-"))
     try:

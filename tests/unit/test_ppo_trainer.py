@@ -182,3 +182,45 @@ def test_failed_reward_calls_are_counted_then_stop_the_job(tmp_path, tiny_model_
     assert [p["reward"] for p in ok["curve"]] == [1.0, 1.0]  # the failed row scored with the others' mean
     with pytest.raises(TooManyFailedRewards, match="failed on 1 of 3 rollouts"):
         train_ppo(PPOSpec(**common, output_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "bck")))
+
+
+def test_transformers_rollouts_sample_from_the_trainers_own_base(tmp_path, tiny_model_dir, monkeypatch):
+    """One base in the job: the transformers engine samples from the trainer's model with the live
+    policy adapter (the old job loaded a second copy of the base for its engine), and gives the
+    texts an engine loading the step's saved policy adapter from disk gives."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.generation import EngineSpec, HFGenerator, Sampling
+    from alignment.perl_training import PPOSpec, load_tokenizer, train_ppo
+    from alignment.ppo_trainer import SharedBaseModels
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+    out = train_ppo(PPOSpec(base=str(tiny_model_dir), prompts=str(_prompts(tmp_path)), steps=1, batch_size=2,
+                            num_ppo_epochs=1, response_length=4, reward_function=_rewards(tmp_path, "length"),
+                            output_dir=str(tmp_path / "a"), checkpoint_dir=str(tmp_path / "ack")))
+    assert out["rollout_backend"] == "transformers" and loads == [str(tiny_model_dir)]
+    monkeypatch.undo()
+
+    spec = PPOSpec(base=str(tiny_model_dir), prompts="", output_dir="", checkpoint_dir="", reward_function="x:y")
+    models = SharedBaseModels(spec, load_tokenizer(str(tiny_model_dir)).pad_token_id, "cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy that differs from the base
+        for name, p in models.peft.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    models.save_policy(tmp_path / "policy")
+    engine = EngineSpec(base=str(tiny_model_dir), backend="transformers", enable_lora=True)
+    convs = [[{"role": "user", "content": f"Say something about {i}."}] for i in range(3)]
+    sampling = Sampling(n=1, temperature=1.0, top_p=1.0, max_tokens=6)
+    from_disk = HFGenerator(engine).chat(convs, sampling, adapter=str(tmp_path / "policy"), seed=[5, 6, 7])
+    shared = HFGenerator(engine, model_for=models.rollout_model).chat(convs, sampling, adapter=str(tmp_path / "policy"),
+                                                                      seed=[5, 6, 7])
+    base_only = HFGenerator(engine).chat(convs, sampling, seed=[5, 6, 7])
+    assert shared == from_disk != base_only
