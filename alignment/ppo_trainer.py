@@ -14,8 +14,9 @@ One base, four roles (PEFT multi-adapter on one ``AutoModelForCausalLM``):
 So the trainer holds one copy of the base weights where TRL 1.12's ``PPOTrainer`` held three
 (policy, value model, merged reward model). On the transformers backend the rollouts are sampled
 from that same model with the policy adapter active (``SharedBaseModels.rollout_model``): the job
-holds one base. vLLM holds its own copy (its weights and KV cache): two bases, sampled much
-faster; an OpenAI-compatible server holds its copy elsewhere.
+holds one base. vLLM holds its own copy (its weights and KV cache): two bases, sampled faster
+(1.5x at 294M parameters on CPU; more with longer responses and on GPU); an OpenAI-compatible
+server holds its copy elsewhere.
 
 A step (``steps`` of them, numbered from 1):
 
