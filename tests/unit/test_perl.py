@@ -494,7 +494,7 @@ def test_eval_before_and_after_differ_only_by_the_adapter(tmp_path, request, rew
     from alignment.algorithms import algorithm_run
     from alignment.runs import open_run
 
-    model = request.getfixturevalue("tiny_model_dir" if backend == "transformers" else "embedded_dir")
+    model = request.getfixturevalue("tiny_model_dir" if backend == "transformers" else "tiny_vllm_model_dir")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "Say something about object {i}."}}\n' for i in range(8)))
     recipe = _write_recipe(tmp_path / "r.yaml", model, prompts, None, **{
