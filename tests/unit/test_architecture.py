@@ -119,3 +119,18 @@ def test_a_wheel_carries_the_prompt_templates(tmp_path):
                           text=True, env=env)
     assert plan.returncode == 0, plan.stderr
     assert "meta_judge" in plan.stdout and "iteration 2" in plan.stdout
+
+
+def test_the_installed_packages_carry_their_bytecode():
+    """`make install` compiles the packages' bytecode (uv does not by default; pip does). Where
+    PYTHONDONTWRITEBYTECODE is set (this project's CI machine, many container images) Python never
+    writes it, so every process compiled what it imported from source, at every start: the imports
+    of a DPO job (torch, transformers, TRL, Prefect) took 28.8 s instead of 14.0 s on one core."""
+    import importlib.util
+
+    for name in ("torch", "transformers", "trl", "prefect", "vllm"):
+        spec = importlib.util.find_spec(name)
+        if spec is None:  # vllm: not in every install
+            continue
+        cached = Path(importlib.util.cache_from_source(spec.origin))
+        assert cached.is_file(), f"{name} has no compiled bytecode ({cached}): run `make install` again"
