@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 _PREFECT_HOME = tempfile.mkdtemp(prefix="selfalign-prefect-")
 
 SR_RECIPE = REPO / "recipes" / "tiny-self-rewarding.yaml"
-# The shipped tiny recipe, shrunk to 4 prompts and short answers.
-SR_SHRINK = ["--set", "prompts.limit=4", "--set", "generation.max_tokens=32", "--set", "judge.max_tokens=32"]
+# The shipped tiny recipe, shrunk to 4 prompts, 2 short answers each, one judgment per answer and
+# one epoch: on one core the judge is most of a run (32 judgments took ~90 s per iteration).
+SR_SHRINK = ["--set", "prompts.limit=4", "--set", "generation.n=2", "--set", "generation.max_tokens=32",
+             "--set", "judge.n=1", "--set", "judge.max_tokens=32", "--set", "train.epochs=1"]
 
 
 def selfalign(*args, env_extra=None, timeout=1500, shared_prefect=False) -> subprocess.CompletedProcess:

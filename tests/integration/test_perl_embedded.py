@@ -10,10 +10,11 @@ from tests.integration.conftest import REPO, selfalign
 
 pytestmark = pytest.mark.integration
 
-# A few minutes on 2 cores: 24 prompts (3 held out), 12 preference pairs (3 held out), 3 PPO steps of 4
-# prompts, short answers.
+# A few minutes on one core: 24 prompts (3 held out), 12 preference pairs (3 held out), 3 PPO steps of 2
+# prompts with one PPO epoch each (4 prompts and 2 epochs took ~44 s a step), short answers.
 SHRINK = ["--set", f"reward_model.data.source={REPO / 'data' / 'tiny_preferences.jsonl'}",
           "--set", "prompts.limit=24", "--set", "reward_model.data.limit=12", "--set", "ppo.steps=3",
+          "--set", "ppo.batch_size=2", "--set", "ppo.num_ppo_epochs=1",
           "--set", "ppo.response_length=16", "--set", "eval.max_tokens=16",
           "--set", "engine.adapters=lora"]  # before/after eval on one engine (the SR run covers merged serving)
 

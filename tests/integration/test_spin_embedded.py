@@ -11,10 +11,10 @@ from tests.integration.conftest import REPO, selfalign
 
 pytestmark = pytest.mark.integration
 
-# A few minutes on 2 cores: 8 prompts, 2 held out (heldout_fraction 0.25 of 8, as 0.125 of 16 did),
-# so 6 DPO pairs in iteration 1 and 12 (mixed) in iteration 2; short answers.
-SHRINK = ["--set", f"data.source={REPO / 'data' / 'tiny_sft.jsonl'}", "--set", "data.limit=8",
-          "--set", "data.heldout_fraction=0.25",
+# A few minutes on one core: 6 prompts, 2 held out (round(0.34 x 6)), so 4 DPO pairs (one step) in
+# iteration 1 and 8 (4 mixed in, two steps) in iteration 2; short answers.
+SHRINK = ["--set", f"data.source={REPO / 'data' / 'tiny_sft.jsonl'}", "--set", "data.limit=6",
+          "--set", "data.heldout_fraction=0.34",
           "--set", "generation.max_tokens=32", "--set", "eval.max_tokens=32", "--set", "eval.judge.max_tokens=24",
           # Adapters per request: merged serving restarts the engine for each model of the eval
           # (M_t, M_{t+1}, the base judge), minutes of starts for seconds of work at this size.
