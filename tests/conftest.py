@@ -44,23 +44,30 @@ def embedded_dir() -> Path:
     return embedded_model_dir()
 
 
+def random_llama(tokenizer, *, hidden: int, mlp: int, heads: int, kv_heads: int, tied: bool):
+    """A 2-layer Llama with random weights (torch seed 0) over ``tokenizer``'s vocabulary and
+    special tokens, 2048 positions."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
     """A 2-layer randomly initialised Llama with the embedded model's real tokenizer and chat template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-model")
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
+    random_llama(tokenizer, hidden=32, mlp=64, heads=4, kv_heads=2, tied=True).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -76,20 +83,13 @@ def tiny_vllm_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     so a digit is among the top-20 next tokens vLLM returns after "Score:" and logprob judgments
     score; sampling stays near-uniform over the vocabulary, so responses differ."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from alignment.judge import DIGIT_CANDIDATES
 
     out = tmp_path_factory.mktemp("tiny-vllm-model")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = random_llama(tokenizer, hidden=64, mlp=128, heads=1, kv_heads=1, tied=False)
     tokens = [tokenizer.tokenize(c) for c in DIGIT_CANDIDATES]  # " 3" is two tokens for this tokenizer
     digits = sorted({tokenizer.convert_tokens_to_ids(t[0]) for t in tokens if len(t) == 1})
     with torch.no_grad():
