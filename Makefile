@@ -22,8 +22,8 @@ else
 endif
 # One stamp per variant: `GPU=1 make install` after a CPU install (or the reverse) installs again.
 STAMP  := $(VENV)/.installed-$(VARIANT)
-# Packages go in with uv (installed into the venv by pip): the same resolution as pip, in ~30 s
-# instead of ~5 min on 2 cores. uv does not read pip's configuration, so pip's find-links
+# Packages go in with uv (installed into the venv by pip): the same resolution as pip, in ~80 s
+# (~60 s of it compiling bytecode) instead of ~5 min on 2 cores. uv does not read pip's configuration, so pip's find-links
 # (where a local wheel such as the CPU torch may wait) are passed on. --compile-bytecode: pip
 # compiles at install, uv does not; where PYTHONDONTWRITEBYTECODE is set (CI machines, container
 # images) Python then never writes it and every process compiled torch, transformers, TRL, Prefect
