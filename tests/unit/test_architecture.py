@@ -133,4 +133,5 @@ def test_the_installed_packages_carry_their_bytecode():
         if spec is None:  # vllm: not in every install
             continue
         cached = Path(importlib.util.cache_from_source(spec.origin))
-        assert cached.is_file(), f"{name} has no compiled bytecode ({cached}): run `make install` again"
+        # `make install` over a venv whose packages are all there installs (and compiles) nothing.
+        assert cached.is_file(), f"{name} has no compiled bytecode ({cached}): rebuild the venv, `make clean install`"
