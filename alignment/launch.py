@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
 import json
@@ -203,20 +204,48 @@ class _Lines:
             self.buffer = ""
 
 
+def plain_print(*objects, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+    """The builtin ``print``: ``file.write(sep.join(map(str, objects)) + end)``, ``file`` defaulting
+    to ``sys.stdout`` (nothing when there is none)."""
+    file = sys.stdout if file is None else file
+    if file is None:
+        return
+    file.write((" " if sep is None else sep).join(map(str, objects)) + ("\n" if end is None else end))
+    if flush:
+        file.flush()
+
+
+@contextlib.contextmanager
+def printing_with(fn):
+    """``builtins.print`` is ``fn`` inside the block, and what it was again after it."""
+    outer = builtins.print
+    builtins.print = fn
+    try:
+        yield
+    finally:
+        builtins.print = outer
+
+
 def run_inprocess(train, job: str, *, spec_path: Path, log=print) -> dict:
     """Run ``train()`` in this process with its printed lines handled as a subprocess's are
-    (:class:`JobOutput`: job log, ``[train]`` lines to ``log``, step bar) and return its metrics."""
-    stdout = sys.stdout
+    (:class:`JobOutput`: job log, ``[train]`` lines to ``log``, step bar) and return its metrics.
+
+    ``train()`` runs with the plain ``print``: a Prefect flow with ``log_prints`` patches it to
+    send file-less prints to the flow's logger past ``sys.stdout``, which would take the trainer's
+    lines from its log and blind libraries that capture ``sys.stdout`` to read what they print
+    (dill finds a function's globals in ``dis.dis`` output when datasets fingerprints a map
+    function). The run's own log keeps the ``print`` of its caller."""
+    stdout, outer_print = sys.stdout, builtins.print
 
     def log_outside(message: str) -> None:  # the run's own log prints where it always did
-        with contextlib.redirect_stdout(stdout):
+        with contextlib.redirect_stdout(stdout), printing_with(outer_print):
             log(message)
 
     output = JobOutput(job, spec_path, log_outside, header=f"in process: {job}")
     log(f"training: {job} in this process" + (f" (output: {output.path})" if output.path else ""))
     lines = _Lines(output.line)
     try:
-        with contextlib.redirect_stdout(lines):
+        with contextlib.redirect_stdout(lines), printing_with(plain_print):
             return train()
     finally:
         lines.close()

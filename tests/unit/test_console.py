@@ -4,6 +4,7 @@ plain lines elsewhere, the stage-line handler and the fd-level redirect of every
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -278,3 +279,38 @@ def test_in_process_training_keeps_the_run_log_on_its_own_stream(tmp_path, capsy
     run_inprocess(lambda: print("[train] step 1/1 loss 0.5") or {}, "dpo", spec_path=spec_path)
     assert capsys.readouterr().out.splitlines()[-1] == "step 1/1 loss 0.5"
     assert (tmp_path / "logs" / "iter_1-train-dpo.log").read_text().count("step 1/1") == 1
+
+
+def test_in_process_training_output_reaches_its_log_under_prefects_log_prints(tmp_path, prefect_harness):
+    """A flow with ``log_prints=True`` (every selfalign flow) patches ``print`` to send file-less
+    prints to Prefect's logger, past ``sys.stdout``: the trainer's lines then skipped the job log,
+    and libraries that capture ``sys.stdout`` to read what they print (dill reads a function's
+    globals from ``dis.dis`` output while datasets fingerprints a map function) lost it to the run
+    log. Inside a flow, in-process training must route its output as it does outside one."""
+    import dill.detect
+    from prefect import flow
+
+    from alignment.launch import run_inprocess
+
+    (tmp_path / "run.json").write_text("{}")
+    spec_path = tmp_path / "iter_1" / "train" / "checkpoints" / "spec.json"
+    spec_path.parent.mkdir(parents=True)
+    lines: list[str] = []
+
+    def train():
+        print("loading weights")
+        print("[train] step 1/1 loss 0.5", flush=True)
+        return {"globals": sorted(dill.detect.nestedglobals(_reads_two_globals))}
+
+    @flow(log_prints=True)
+    def job():
+        return run_inprocess(train, "dpo", spec_path=spec_path, log=lines.append)
+
+    assert job() == {"globals": ["json", "os"]}
+    log = (tmp_path / "logs" / "iter_1-train-dpo.log").read_text()
+    assert "loading weights\n[train] step 1/1 loss 0.5\n" in log and "LOAD_GLOBAL" not in log
+    assert lines[1:] == ["step 1/1 loss 0.5"]
+
+
+def _reads_two_globals():
+    return os.sep + json.dumps(1)
