@@ -198,6 +198,9 @@ class _Lines:
     def flush(self) -> None:
         pass
 
+    def isatty(self) -> bool:  # what a trainer subprocess's stdout, a pipe, answers (transformers asks)
+        return False
+
     def close(self) -> None:
         if self.buffer:
             self.emit(self.buffer)

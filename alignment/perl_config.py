@@ -175,8 +175,10 @@ class PerlRecipe(RecipeBase):
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     eval: PerlEvalConfig = PerlEvalConfig()
-    launcher: Literal["subprocess", "inprocess"] = Field(
-        "subprocess", description="subprocess: `python -m alignment.perl_training` (replaceable by accelerate launch)",
+    launcher: Literal["auto", "subprocess", "inprocess"] = Field(
+        "auto", description="auto: in the run's process on CPU (a trainer process costs ~15 s of imports per job), "
+        "a subprocess on GPU (its memory is given back when it exits); subprocess: `python -m "
+        "alignment.perl_training` (replaceable by $SELFALIGN_TRAIN_LAUNCHER, e.g. accelerate launch)",
         json_schema_extra=NO_EFFECT)
     engine: EngineConfig = EngineConfig()
 

@@ -417,11 +417,14 @@ JOBS = {"rm": (RMSpec, train_reward_model), "ppo": (PPOSpec, train_ppo)}
 
 
 def run_job(kind: str, spec, *, launcher: str, spec_path: Path, log=print) -> dict:
-    """Run a job in this process or as ``python -m alignment.perl_training KIND SPEC.json`` (dies with its parent)."""
-    from alignment.launch import run_subprocess
+    """Run a job in this process or as ``python -m alignment.perl_training KIND SPEC.json`` (dies
+    with its parent); ``auto`` picks as the DPO launcher does (``resolve_launcher``: in this
+    process on CPU). Either way its output goes to ``RUN/logs/iter_1-<stage>-<kind>.log``."""
+    from alignment.generation import has_cuda
+    from alignment.launch import resolve_launcher, run_inprocess, run_subprocess
 
-    if launcher == "inprocess":
-        return JOBS[kind][1](spec)
+    if resolve_launcher(launcher, on_gpu=has_cuda()) == "inprocess":
+        return run_inprocess(lambda: JOBS[kind][1](spec), kind, spec_path=spec_path, log=log)
     return run_subprocess("alignment.perl_training", kind, spec, spec_path=spec_path, log=log)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -295,12 +296,24 @@ def _pairs(path: Path, n: int, offset: int = 0) -> Path:
 
 
 def test_reward_model_then_ppo_on_tiny_model(tmp_path, tiny_model_dir, rewards_file):
-    from alignment.perl_training import PPOSpec, RMSpec, train_ppo, train_reward_model
+    from alignment.perl_config import PerlRecipe
+    from alignment.perl_training import PPOSpec, RMSpec, run_job, train_ppo
+    from alignment.perl_training import main as perl_training_main
 
-    rm = train_reward_model(RMSpec(
+    # The reward model through the stage's launcher: `auto` (the recipe default) trains in this
+    # process on CPU, its output going where a trainer subprocess's goes (the job log, step lines).
+    (tmp_path / "run.json").write_text("{}")
+    ckpt = tmp_path / "iter_1" / "reward_model" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    lines: list[str] = []
+    rm = run_job("rm", RMSpec(
         base=str(tiny_model_dir), train_data=str(_pairs(tmp_path / "t.jsonl", 8)),
         heldout_data=str(_pairs(tmp_path / "h.jsonl", 4, 100)), output_dir=str(tmp_path / "rm"),
-        checkpoint_dir=str(tmp_path / "rmck"), batch_size=4, max_length=64, learning_rate=1e-3, save_steps=1))
+        checkpoint_dir=str(ckpt / "trainer"), batch_size=4, max_length=64, learning_rate=1e-3, save_steps=1),
+        launcher=PerlRecipe.model_fields["launcher"].default,
+        spec_path=ckpt / "spec.json", log=lines.append)
+    assert lines[0].startswith("training: rm in this process") and any(line.startswith("rm step 2/2") for line in lines)
+    assert "rm step 2/2" in (tmp_path / "logs" / "iter_1-reward_model-rm.log").read_text()
     assert rm["steps"] == 2 and 0 < rm["trainable"]["share"] < 0.01 and rm["heldout_pairs"] == 4
     assert rm["heldout_accuracy"] is not None and 0 <= rm["heldout_accuracy"] <= 1
     assert json.loads((tmp_path / "rm" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
@@ -309,8 +322,12 @@ def test_reward_model_then_ppo_on_tiny_model(tmp_path, tiny_model_dir, rewards_f
     prompts.write_text("".join(json.dumps({"prompt": f"Say something about {i}."}) + "\n" for i in range(4)))
     common = dict(base=str(tiny_model_dir), prompts=str(prompts), steps=2, batch_size=2, num_ppo_epochs=1,
                   response_length=6, save_steps=1)
-    out = train_ppo(PPOSpec(**common, output_dir=str(tmp_path / "ppo"), checkpoint_dir=str(tmp_path / "ppock"),
-                            reward_adapter=str(tmp_path / "rm")))
+    # PPO as the subprocess launcher runs it: `python -m alignment.perl_training ppo SPEC.json`.
+    spec = tmp_path / "ppo_spec.json"
+    spec.write_text(json.dumps(asdict(PPOSpec(**common, output_dir=str(tmp_path / "ppo"),
+                                              checkpoint_dir=str(tmp_path / "ppock"), reward_adapter=str(tmp_path / "rm")))))
+    assert perl_training_main(["ppo", str(spec)]) == 0
+    out = json.loads((tmp_path / "ppo" / "train_metrics.json").read_text())
     assert [p["step"] for p in out["curve"]] == [1, 2] and out["trainable_policy"]["share"] < 0.01
     assert all(math.isfinite(p["reward"]) and math.isfinite(p["kl"]) for p in out["curve"])
     assert abs(out["curve"][0]["kl"]) < 1e-3  # step 1 samples from the initial policy: KL to it is ~0
