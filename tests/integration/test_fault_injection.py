@@ -7,7 +7,10 @@ SIGKILL during generation, judging, before a commit, in the trainer after a chec
 after a stage commit, in iteration 2, plus one Ctrl-C (SIGINT) — and ``selfalign resume`` is
 run after each. A stage output is then corrupted and the final resume must notice and redo it.
 The datasets of every iteration must equal an uninterrupted run's row for row, and no shard or
-training step that was on disk may be computed twice.
+training step that was on disk may be computed twice. The uninterrupted run trains in its own
+process (``train.launcher: inprocess``, a setting that cannot change a result): its adapters must
+equal the killed run's bit for bit, so the two launchers are checked against each other too, and
+two trainer subprocesses' start-up (~14 s of imports each on one core) are saved.
 
 All subprocesses share one Prefect test server (``prefect_harness``): a temporary server per
 CLI process costs ~9 s of start-up each, against ~11 s once (measured on 2 cores).
@@ -122,8 +125,9 @@ def train_steps(text: str) -> list[str]:
 def reference(setup):
     """The uninterrupted run."""
     run_dir = setup["root"] / "reference"
-    proc = cli(setup, "run", str(setup["recipe"]), "--run-dir", str(run_dir))
+    proc = cli(setup, "run", str(setup["recipe"]), "--run-dir", str(run_dir), "--set", "train.launcher=inprocess")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training: dpo in this process" in proc.stdout + proc.stderr
     print(f"uninterrupted run: {proc.seconds:.1f}s")
     return run_dir, proc
 
