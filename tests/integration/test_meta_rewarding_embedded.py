@@ -14,10 +14,13 @@ pytestmark = pytest.mark.integration
 # Shrunk to a few minutes on one CPU core: 1 prompt x 3 responses x 2 judgments. With N = 2 the
 # debiased logprob meta-judge gives each prompt one consistent winner (both orders agree), so
 # every meta-judged prompt yields a judge pair; one training step on 1 actor + 1 judge pair. The
-# step is most of the run (a judge pair's prompt is ~450 tokens: 2 + 2 pairs took ~4 min).
+# step is most of the run (a judge pair's prompt is ~450 tokens: 2 + 2 pairs took ~4 min). It takes
+# the two pairs as two micro-batches of one (gradient accumulation), so the short actor pair is not
+# padded to the judge pair's length (one batch of two: a 70 s step on one core).
 SHRINK = ["--set", "iterations=1", "--set", "prompts.limit=1", "--set", "generation.n=3",
           "--set", "generation.max_tokens=24", "--set", "judge.n=2", "--set", "judge.max_tokens=24",
-          "--set", "meta_judge.max_tokens=16", "--set", "train.batch_size=2", "--set", "train.save_steps=100"]
+          "--set", "meta_judge.max_tokens=16", "--set", "train.batch_size=1", "--set", "train.grad_accum=2",
+          "--set", "train.save_steps=100"]
 
 
 @pytest.fixture(scope="module")
