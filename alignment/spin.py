@@ -131,14 +131,18 @@ def spin_loss(
 
 
 # --------------------------------------------------------------------------------------- eval
-def answer_logliks(base: str, adapter: str | None, rows: Sequence[dict], *, batch_size: int = 8,
-                   max_length: int = 2048) -> list[dict]:
-    """log p(answer | prompt) under base (+ adapter), by a transformers forward pass.
+def answer_logliks(base: str, adapters: Sequence[str | None], rows: Sequence[dict], *, batch_size: int = 8,
+                   max_length: int = 2048) -> list[list[dict]]:
+    """log p(answer | prompt) under base (+ each adapter), by a transformers forward pass.
 
     The prompt is the chat template with the generation prompt; the answer tokens are everything
     the template adds after it for the assistant turn (the answer and its end-of-turn token),
-    as TRL scores a completion. Returns ``{"loglik": sum, "tokens": n}`` per row.
+    as TRL scores a completion. Returns, per entry of ``adapters`` (None = the base alone), a
+    ``{"loglik": sum, "tokens": n}`` per row. The base is loaded once: PEFT switches between the
+    adapters (the eval reads M_t and M_{t+1}; a 70B base loads in minutes).
     """
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,10 +150,14 @@ def answer_logliks(base: str, adapter: str | None, rows: Sequence[dict], *, batc
     device = "cuda" if on_gpu else "cpu"
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if on_gpu else torch.float32)
-    if adapter:
+    names = {a: f"adapter_{i}" for i, a in enumerate(dict.fromkeys(a for a in adapters if a))}
+    if names:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        first, *rest = names
+        model = PeftModel.from_pretrained(model, first, adapter_name=names[first])
+        for path in rest:
+            model.load_adapter(path, adapter_name=names[path])
     model = model.to(device).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -167,21 +175,30 @@ def answer_logliks(base: str, adapter: str | None, rows: Sequence[dict], *, batc
             start += 1
         full = full[:max_length]
         encoded.append((full, min(start, len(full) - 1)))
-    results = []
-    for i in range(0, len(encoded), batch_size):
-        batch = encoded[i : i + batch_size]
-        width = max(len(f) for f, _ in batch)
-        input_ids = torch.tensor([f + [pad] * (width - len(f)) for f, _ in batch], device=device)
-        attention = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f, _ in batch], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        for row, (f, start) in zip(logps, batch):
-            # token j (j >= start) is predicted at position j-1
-            tokens = row[start - 1 : len(f) - 1] if start > 0 else row[: len(f) - 1]
-            results.append({"loglik": float(tokens.sum()), "tokens": int(tokens.numel())})
-    del model
-    return results
+
+    def logliks() -> list[dict]:
+        results = []
+        for i in range(0, len(encoded), batch_size):
+            batch = encoded[i : i + batch_size]
+            width = max(len(f) for f, _ in batch)
+            input_ids = torch.tensor([f + [pad] * (width - len(f)) for f, _ in batch], device=device)
+            attention = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f, _ in batch], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, (f, start) in zip(logps, batch):
+                # token j (j >= start) is predicted at position j-1
+                tokens = row[start - 1 : len(f) - 1] if start > 0 else row[: len(f) - 1]
+                results.append({"loglik": float(tokens.sum()), "tokens": int(tokens.numel())})
+        return results
+
+    out = []
+    for adapter in adapters:
+        if adapter:
+            model.set_adapter(names[adapter])
+        with model.disable_adapter() if names and not adapter else contextlib.nullcontext():
+            out.append(logliks())
+    return out
 
 
 def outcome(before: float | None, after: float | None) -> str:
@@ -287,8 +304,7 @@ def compute_eval(run, t: int, ctx) -> Table:
         return Table([], eval_summary([]))
     before, after = run.model(t), run.model(t + 1)
     kw = dict(batch_size=ev.batch_size, max_length=run.recipe.train.max_length)
-    ll_before = answer_logliks(run.base.base, before.adapter, held, **kw)
-    ll_after = answer_logliks(run.base.base, after.adapter, held, **kw)
+    ll_before, ll_after = answer_logliks(run.base.base, [before.adapter, after.adapter], held, **kw)
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "answer": r["answer"],
              "answer_tokens": a["tokens"], "loglik_before": a["loglik"], "loglik_after": b["loglik"],
              "response_before": None, "response_after": None, "score_before": None, "score_after": None,

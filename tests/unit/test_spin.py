@@ -206,8 +206,10 @@ def test_reference_equals_policy_at_step_0_and_trl_loss_is_spin_loss(tmp_path, t
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
     # The policy (and so the reference) at step 0 is base + adapter_{t−1}, not the base.
     row = [{"prompt": pairs[0]["prompt"], "answer": pairs[0]["chosen"]}]
-    with_adapter = answer_logliks(str(tiny_model_dir), str(adapter), row)[0]["loglik"]
-    base_only = answer_logliks(str(tiny_model_dir), None, row)[0]["loglik"]
+    with_adapter, base_only = (r[0]["loglik"] for r in answer_logliks(str(tiny_model_dir), [str(adapter), None], row))
+    # One load for both reads: the same numbers as a model loaded for each.
+    assert answer_logliks(str(tiny_model_dir), [str(adapter)], row)[0][0]["loglik"] == with_adapter
+    assert answer_logliks(str(tiny_model_dir), [None], row)[0][0]["loglik"] == base_only
     assert first["logps/chosen"] == pytest.approx(with_adapter, abs=1e-3)
     assert abs(with_adapter - base_only) > 1e-2
     # TRL's loss on its own log-probs is spin_loss (ref = logp − reward/β); the policy has moved by now.
