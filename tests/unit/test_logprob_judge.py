@@ -9,7 +9,6 @@ which keeps the final message as written, and a Llama-3-like one that trims it.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
