@@ -492,26 +492,24 @@ def test_reward_model_trains_on_the_tokens_it_scores(tmp_path, bos_model_dir, mo
 
 
 
-def zero_lora_adapter(where, base_dir):
-    """A fresh PEFT LoRA (B = 0): base + adapter computes exactly the base model."""
+def lora_adapter(where, base_dir, *, zero: bool = True):
+    """A fresh PEFT LoRA on q/v. ``zero``: B = 0, so base + adapter computes exactly the base model;
+    else B is random too (``init_lora_weights=False``) and the adapter changes the model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                   LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).save_pretrained(where)
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=zero)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config).save_pretrained(where)
     return where
 
 
-@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.integration)])
-def test_eval_before_and_after_differ_only_by_the_adapter(tmp_path, request, rewards_file, backend):
-    """The eval's claim: before and after sample with the same random numbers, so with a PPO adapter
-    that changes nothing (LoRA B = 0) every before answer equals its after answer."""
+def eval_with_adapter(tmp_path, model, rewards_file, backend: str, adapter_zero: bool) -> list[dict]:
+    """The PERL eval stage of a run whose PPO output is a fresh LoRA (:func:`lora_adapter`): its rows."""
     import shutil
 
     from alignment.algorithms import algorithm_run
     from alignment.runs import open_run
 
-    model = request.getfixturevalue("tiny_model_dir" if backend == "transformers" else "tiny_vllm_model_dir")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "Say something about object {i}."}}\n' for i in range(8)))
     recipe = _write_recipe(tmp_path / "r.yaml", model, prompts, None, **{
@@ -521,16 +519,37 @@ def test_eval_before_and_after_differ_only_by_the_adapter(tmp_path, request, rew
     store, cfg = open_run(tmp_path / "run", recipe, [])
     run = algorithm_run(store, cfg, log=lambda _: None)
     run.run_stage("prompts", 1)
-    adapter = zero_lora_adapter(tmp_path / "zero", model)
+    adapter = lora_adapter(tmp_path / "adapter", model, zero=adapter_zero)
     store.commit_dir(1, "ppo", lambda tmp: [shutil.copy(f, tmp / f.name) for f in adapter.iterdir()],
                      inputs={}, recipe_hash="x")
     try:
         run.run_stage("eval", 1)
     finally:
         run.close()
-    rows = store.read_rows(1, "eval")
+    return store.read_rows(1, "eval")
+
+
+def before_and_after(rows: list[dict]) -> tuple[dict, dict]:
+    """{(prompt id, sample): response} of the eval's before and after policies."""
     answers = {(r["policy"], r["prompt_id"], r["sample"]): r["response"] for r in rows}
-    before = {k[1:]: v for k, v in answers.items() if k[0] == "before"}
-    after = {k[1:]: v for k, v in answers.items() if k[0] == "after"}
+    return ({k[1:]: v for k, v in answers.items() if k[0] == "before"},
+            {k[1:]: v for k, v in answers.items() if k[0] == "after"})
+
+
+@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.integration)])
+def test_eval_before_and_after_differ_only_by_the_adapter(tmp_path, request, rewards_file, backend):
+    """The eval's claim: before and after sample with the same random numbers, so with a PPO adapter
+    that changes nothing (LoRA B = 0) every before answer equals its after answer."""
+    model = request.getfixturevalue("tiny_model_dir" if backend == "transformers" else "tiny_vllm_model_dir")
+    before, after = before_and_after(eval_with_adapter(tmp_path, model, rewards_file, backend, adapter_zero=True))
     assert len(before) == 8 and before == after
     assert len(set(before.values())) > 1  # sampled (temperature 1), not one fixed answer
+
+
+def test_eval_answers_change_with_an_adapter_that_changes_the_model(tmp_path, tiny_model_dir, rewards_file):
+    """The other half of the claim: the after answers are the PPO adapter's. (An embedded-model run
+    of a few PPO steps may still print the same reward before and after: its LoRA B is ~1e-4 and the
+    same random numbers then draw the same tokens.)"""
+    before, after = before_and_after(eval_with_adapter(tmp_path, tiny_model_dir, rewards_file, "transformers",
+                                                       adapter_zero=False))
+    assert len(before) == 8 and any(before[k] != after[k] for k in before)
