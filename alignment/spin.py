@@ -25,6 +25,7 @@ when current, shard long work); nothing here imports Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -141,8 +142,6 @@ def answer_logliks(base: str, adapters: Sequence[str | None], rows: Sequence[dic
     ``{"loglik": sum, "tokens": n}`` per row. The base is loaded once: PEFT switches between the
     adapters (the eval reads M_t and M_{t+1}; a 70B base loads in minutes).
     """
-    import contextlib
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
